@@ -1,0 +1,260 @@
+"""The vector store (chromadb): one collection holding every source's chunks.
+
+* Embedded ``chromadb.PersistentClient`` under the data dir by default; a
+  ``chromadb.HttpClient`` when a Chroma server URL is set.
+* One collection (default ``kbsync``) in the cosine space, created without an
+  embedding function: kbsync always passes its own vectors.
+* The embedding model's identity and dimension are written into the collection's
+  metadata when it is created and checked on every open; mixing vectors of two models
+  raises :class:`EmbeddingModelMismatch` before anything is written.
+* Writes go in batches of at most ``client.get_max_batch_size()`` records.
+* Chunks are *added*, never re-upserted: re-writing an existing id costs ~4x an insert
+  and changes nothing, so the sync looks ids up first (:meth:`ChromaStore.existing_ids`).
+
+Every chunk carries ``doc_id``, ``doc_hash``, ``chunk_count``, ``source``,
+``source_type``, ``title``, ``url``, ``updated_at``, ``chunk_index`` and the
+source's own fields. See https://docs.trychroma.com/reference/python/collection.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MODEL_KEY = "embedding_model"
+DIMENSION_KEY = "embedding_dimension"
+#: Chroma caps the size of ``$in`` lists in practice by request size; keep lookups modest.
+LOOKUP_BATCH = 500
+
+
+class EmbeddingModelMismatch(Exception):
+    """The collection was built with another embedding model or dimension."""
+
+
+class StoreError(Exception):
+    """The vector store cannot be reached or refused a request."""
+
+
+@dataclass(frozen=True)
+class IndexedDocument:
+    """What the index holds for one document: its chunk ids and their ``doc_hash``es."""
+
+    doc_id: str
+    chunk_ids: frozenset[str]
+    hashes: frozenset[str]
+    chunk_count: int | None
+
+    def is_current(self, doc_hash: str) -> bool:
+        """True when every chunk carries ``doc_hash`` and none is missing, i.e. the last
+        write of this document completed (a crash mid-write leaves a mix of hashes or
+        fewer chunks than ``chunk_count``)."""
+        return self.hashes == {doc_hash} and self.chunk_count == len(self.chunk_ids)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One query result: chunk id, its text and metadata, and cosine similarity."""
+
+    id: str
+    text: str
+    metadata: dict[str, Any]
+    score: float
+
+
+def _batches(seq: Sequence[Any], size: int) -> Iterator[slice]:
+    for start in range(0, len(seq), size):
+        yield slice(start, start + size)
+
+
+class ChromaStore:
+    """The kbsync collection.
+
+    Args:
+        path: directory of the embedded store (used when ``url`` is ``None``).
+        url: ``http(s)://host:port`` of a Chroma server.
+        collection: collection name (3-512 chars of ``[a-zA-Z0-9._-]``).
+        model: embedding model identity; ``None`` opens read-only without checking.
+        dimension: embedding dimension that goes with ``model``.
+
+    Raises:
+        EmbeddingModelMismatch: the collection exists and was built with another model.
+        StoreError: the server cannot be reached.
+    """
+
+    def __init__(self, *, path: Path | str | None = None, url: str | None = None,
+                 collection: str = "kbsync", model: str | None = None,
+                 dimension: int | None = None) -> None:
+        import chromadb
+        from chromadb.config import Settings
+
+        settings = Settings(anonymized_telemetry=False)
+        try:
+            if url:
+                parsed = urlparse(url)
+                self.client = chromadb.HttpClient(
+                    host=parsed.hostname or "localhost",
+                    port=parsed.port or (443 if parsed.scheme == "https" else 8000),
+                    ssl=parsed.scheme == "https",
+                    settings=settings,
+                )
+            else:
+                Path(path or ".kbsync/chroma").mkdir(parents=True, exist_ok=True)
+                self.client = chromadb.PersistentClient(path=str(path or ".kbsync/chroma"),
+                                                        settings=settings)
+            self.max_batch = int(self.client.get_max_batch_size())
+        except Exception as exc:  # noqa: BLE001 - connection failures vary by client
+            where = url or str(path)
+            raise StoreError(f"cannot open Chroma at {where}: {type(exc).__name__}: {exc}") from None
+        self.name = collection
+        self.model = model
+        self.dimension = dimension
+        self._collection = None
+
+    # -------------------------------------------------------------------- opening
+
+    def collection(self, create: bool = True):
+        """The chroma ``Collection``; created (cosine space, model recorded) on first
+        use when ``create`` is true, else ``None`` if it does not exist."""
+        if self._collection is not None:
+            return self._collection
+        try:
+            col = self.client.get_collection(self.name, embedding_function=None)
+        except Exception:  # noqa: BLE001 - chromadb raises NotFoundError/ValueError by version
+            if not create:
+                return None
+            if self.model is None or self.dimension is None:
+                raise StoreError("cannot create a collection without a model and dimension") from None
+            col = self.client.get_or_create_collection(
+                self.name,
+                embedding_function=None,
+                metadata={MODEL_KEY: self.model, DIMENSION_KEY: int(self.dimension)},
+                configuration={"hnsw": {"space": "cosine"}},
+            )
+        self._check_model(col)
+        self._collection = col
+        return col
+
+    def _check_model(self, col) -> None:
+        if self.model is None:
+            return
+        meta = col.metadata or {}
+        stored_model, stored_dim = meta.get(MODEL_KEY), meta.get(DIMENSION_KEY)
+        if stored_model is None and col.count() == 0:
+            col.modify(metadata={**meta, MODEL_KEY: self.model, DIMENSION_KEY: int(self.dimension)})
+            return
+        if stored_model != self.model or (stored_dim is not None and int(stored_dim) != self.dimension):
+            raise EmbeddingModelMismatch(
+                f"collection {self.name!r} was built with embedding model {stored_model!r} "
+                f"({stored_dim} dimensions), but this run uses {self.model!r} "
+                f"({self.dimension} dimensions). Use another collection name, or rebuild "
+                f"the index with `kbsync sync --full` after deleting the collection."
+            )
+
+    def stored_model(self) -> tuple[str | None, int | None]:
+        """``(model, dimension)`` recorded in the collection, ``(None, None)`` if absent."""
+        col = self.collection(create=False) if self.model is None else self.collection()
+        if col is None:
+            return None, None
+        meta = col.metadata or {}
+        dim = meta.get(DIMENSION_KEY)
+        return meta.get(MODEL_KEY), int(dim) if dim is not None else None
+
+    # -------------------------------------------------------------------- reading
+
+    def existing_ids(self, ids: Iterable[str]) -> set[str]:
+        """The subset of ``ids`` already stored."""
+        ids = list(dict.fromkeys(ids))
+        found: set[str] = set()
+        col = self.collection()
+        for part in _batches(ids, min(self.max_batch, LOOKUP_BATCH * 4)):
+            found.update(col.get(ids=ids[part], include=[])["ids"])
+        return found
+
+    def indexed_documents(self, doc_ids: Iterable[str]) -> dict[str, IndexedDocument]:
+        """What the index holds for each of ``doc_ids`` (absent ids are left out)."""
+        doc_ids = list(dict.fromkeys(doc_ids))
+        acc: dict[str, tuple[set[str], set[str], int | None]] = {}
+        col = self.collection()
+        for part in _batches(doc_ids, LOOKUP_BATCH):
+            res = col.get(where={"doc_id": {"$in": doc_ids[part]}}, include=["metadatas"])
+            for cid, meta in zip(res["ids"], res["metadatas"], strict=True):
+                ids, hashes, count = acc.setdefault(meta["doc_id"], (set(), set(), None))
+                ids.add(cid)
+                hashes.add(str(meta.get("doc_hash")))
+                acc[meta["doc_id"]] = (ids, hashes, meta.get("chunk_count", count))
+        return {
+            d: IndexedDocument(d, frozenset(ids), frozenset(h), c) for d, (ids, h, c) in acc.items()
+        }
+
+    def iter_metadata(self, where: Mapping[str, Any] | None = None,
+                      page: int = 5000) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every ``(chunk id, metadata)`` matching ``where``, paged."""
+        col = self.collection(create=False)
+        if col is None:
+            return
+        offset = 0
+        while True:
+            res = col.get(where=dict(where) if where else None, include=["metadatas"],
+                          limit=page, offset=offset)
+            yield from zip(res["ids"], res["metadatas"], strict=True)
+            if len(res["ids"]) < page:
+                return
+            offset += page
+
+    def doc_ids(self, source: str) -> set[str]:
+        """Ids of the documents the index holds for ``source``."""
+        return {meta["doc_id"] for _, meta in self.iter_metadata({"source": source})}
+
+    def count(self) -> int:
+        col = self.collection(create=False)
+        return 0 if col is None else col.count()
+
+    def query(self, embedding: np.ndarray, k: int = 5,
+              where: Mapping[str, Any] | None = None) -> list[Hit]:
+        """The ``k`` nearest chunks to ``embedding``; ``score`` = cosine similarity."""
+        col = self.collection(create=False)
+        if col is None or col.count() == 0:
+            return []
+        res = col.query(
+            query_embeddings=[np.asarray(embedding, dtype=np.float32).tolist()],
+            n_results=k,
+            where=dict(where) if where else None,
+            include=["documents", "metadatas", "distances"],
+        )
+        return [
+            Hit(id=i, text=t or "", metadata=m or {}, score=1.0 - float(d))
+            for i, t, m, d in zip(res["ids"][0], res["documents"][0], res["metadatas"][0],
+                                  res["distances"][0], strict=True)
+        ]
+
+    # -------------------------------------------------------------------- writing
+
+    def add(self, ids: Sequence[str], embeddings: np.ndarray, documents: Sequence[str],
+            metadatas: Sequence[Mapping[str, Any]]) -> None:
+        """Insert new chunks, at most ``max_batch`` per request."""
+        col = self.collection()
+        for part in _batches(ids, self.max_batch):
+            col.add(ids=list(ids[part]), embeddings=embeddings[part],
+                    documents=list(documents[part]), metadatas=[dict(m) for m in metadatas[part]])
+
+    def update_metadata(self, ids: Sequence[str], metadatas: Sequence[Mapping[str, Any]]) -> None:
+        """Replace the metadata of stored chunks without touching their vectors."""
+        col = self.collection()
+        for part in _batches(ids, self.max_batch):
+            col.update(ids=list(ids[part]), metadatas=[dict(m) for m in metadatas[part]])
+
+    def delete(self, ids: Iterable[str]) -> int:
+        """Delete chunks by id; returns how many ids were asked for."""
+        ids = list(dict.fromkeys(ids))
+        col = self.collection()
+        for part in _batches(ids, self.max_batch):
+            col.delete(ids=ids[part])
+        return len(ids)

