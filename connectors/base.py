@@ -42,8 +42,13 @@ class ConnectorError(Exception):
     """A source cannot be read at all (bad credentials, unreachable, bad query).
 
     Raised for failures that concern the whole source rather than one document; the
-    message must be safe to show (never contains a secret).
+    message must be safe to show (never contains a secret). Not retried: retrying a
+    bad token or a bad query only delays the clear error.
     """
+
+
+class TransientSourceError(ConnectorError):
+    """A source-wide failure worth retrying (timeout, 5xx after the client's own retries)."""
 
 
 def utc(dt: datetime) -> datetime:

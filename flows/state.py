@@ -189,6 +189,12 @@ class StateStore:
             row.checkpoint = _dumps(checkpoint)
             row.checkpoint_request = request_key
 
+    def clear_checkpoint(self, name: str) -> None:
+        with Session(self.engine) as session, session.begin():
+            row = self._row(session, name)
+            row.checkpoint = None
+            row.checkpoint_request = None
+
     def checkpoint_for(self, name: str, request_key: str) -> dict[str, Any] | None:
         """The saved checkpoint if it belongs to the same request, else ``None``."""
         state = self.get(name)

@@ -102,7 +102,9 @@ class Embedder:
             ) from None
         if self.device.startswith("cuda"):
             self.model.half()
-        self.dimension = int(self.model.get_sentence_embedding_dimension())
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or \
+            self.model.get_sentence_embedding_dimension
+        self.dimension = int(get_dim())
         self.max_seq_length = int(self.model.max_seq_length)
         self._tokenizer = self.model.tokenizer
         self._special = int(self._tokenizer.num_special_tokens_to_add(pair=False))

@@ -1,0 +1,297 @@
+"""``kbsync`` — the command line (typer + rich).
+
+Commands:
+    kbsync sync [SOURCE...] [--full] [--repo PATH_OR_URL [--name NAME]]
+    kbsync backfill SOURCE --since DATE [--until DATE]
+    kbsync status
+    kbsync query TEXT [-k N] [--source S]
+
+Global options (before the command): ``--config PATH`` (else ``$KBSYNC_CONFIG``, else
+``./kbsync.yaml``) and ``--data-dir PATH``.
+
+Exit codes: 0 success; 1 the run failed or some documents failed; 2 bad usage or
+configuration. Every failure ends with a one-line reason on stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import flows  # noqa: F401 - sets telemetry-off defaults before prefect is imported
+from connectors.base import ConnectorError
+from connectors.chroma import EmbeddingModelMismatch, StoreError
+from flows.settings import ConfigError, Settings, load_settings
+from transforms.embedding import EmbeddingModelError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Keep a team's knowledge indexed in Chroma for a local LLM.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+class _Options:
+    config: Path | None = None
+    data_dir: Path | None = None
+
+
+OPTIONS = _Options()
+
+
+def _overrides(**extra: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if OPTIONS.data_dir is not None:
+        out["data_dir"] = str(OPTIONS.data_dir)
+    out.update({k: v for k, v in extra.items() if v is not None})
+    return out
+
+
+def _settings(**extra: Any) -> Settings:
+    return load_settings(OPTIONS.config, **_overrides(**extra))
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if "\n" not in text or isinstance(exc, ConfigError) else text.splitlines()[0]
+
+
+def handle_errors(fn):
+    """Turn known failures into a one-line reason and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except ConfigError as exc:
+            raise _fail(str(exc), 2) from None
+        except (ConnectorError, EmbeddingModelMismatch, StoreError, EmbeddingModelError) as exc:
+            raise _fail(_one_line(exc)) from None
+        except KeyboardInterrupt:
+            raise _fail("interrupted", 130) from None
+        except Exception as exc:  # noqa: BLE001 - last resort: still one line, non-zero
+            raise _fail(f"{type(exc).__name__}: {_one_line(exc)}") from None
+
+    return wrapper
+
+
+@app.callback()
+def main_options(
+    config: Annotated[Path | None, typer.Option("--config", "-c",
+                                                help="kbsync.yaml to use")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir",
+                                                  help="where the embedded index lives")] = None,
+) -> None:
+    """kbsync: incremental sync of git, Confluence, Jira and GitLab into Chroma."""
+    OPTIONS.config = config
+    OPTIONS.data_dir = data_dir
+
+
+def _progress() -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                    TextColumn("{task.completed:>6.0f}"), TimeElapsedColumn(),
+                    console=err_console, transient=True)
+
+
+def _run_with_progress(fn, *args, **kwargs):
+    """Run a flow with rich progress bars fed by the sync's progress events."""
+    from flows.sync import progress_callback
+
+    with _progress() as progress:
+        bars: dict[str, Any] = {}
+
+        def on_event(stage: str, done: int, total: int | None) -> None:
+            if stage not in bars:
+                label = {"fetch": "fetching documents", "embed": "embedding chunks"}.get(stage, stage)
+                bars[stage] = progress.add_task(label, total=total)
+            progress.update(bars[stage], completed=done, total=total)
+
+        token = progress_callback.set(on_event)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            progress_callback.reset(token)
+
+
+def _summary_table(summaries: list[dict[str, Any]]) -> Table:
+    table = Table(title="documents and chunks", show_lines=False)
+    columns = ["source", "status", "added", "updated", "same", "deleted", "skipped",
+               "failed", "embedded", "reused", "secs"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("source", "status") else "right")
+    for s in summaries:
+        table.add_row(
+            s["source"], s.get("status", "?"),
+            *[str(s.get(f"documents_{k}", "")) for k in
+              ("added", "updated", "unchanged", "deleted", "skipped", "failed")],
+            str(s.get("chunks_embedded", "")), str(s.get("chunks_reused", "")),
+            f"{s.get('seconds', {}).get('total', 0):.1f}",
+        )
+    return table
+
+
+def _exit_for(summaries: list[dict[str, Any]]) -> None:
+    failed_docs = sum(s.get("documents_failed", 0) for s in summaries)
+    if failed_docs:
+        raise _fail(f"{failed_docs} document(s) failed and will be retried; see `kbsync status`")
+
+
+def _repo_source_name(repo: str) -> str:
+    base = repo.rstrip("/").removesuffix(".git")
+    base = Path(base).resolve().name if "://" not in base and ":" not in base else base
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", base.rsplit("/", 1)[-1].rsplit(":", 1)[-1])
+    return name.strip("-.") or "repo"
+
+
+@app.command()
+@handle_errors
+def sync(
+    sources: Annotated[list[str] | None, typer.Argument(help="source names (default: all)")] = None,
+    full: Annotated[bool, typer.Option("--full", help="re-read everything and reconcile deletions")] = False,
+    repo: Annotated[str | None, typer.Option("--repo", help="sync this git repository (path or "
+                                             "clone URL) instead of the configured sources")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="source name for --repo")] = None,
+) -> None:
+    """Incremental sync of the configured sources (or the ones named)."""
+    extra: dict[str, Any] = {}
+    if repo:
+        extra["sources"] = [{"type": "git", "name": name or _repo_source_name(repo), "url": repo}]
+    settings = _settings(**extra)
+    names = list(sources or []) or [s.name for s in settings.sources]
+    if not names:
+        raise _fail("no sources configured: add some to kbsync.yaml (see kbsync.example.yaml) "
+                    "or pass --repo PATH_OR_URL", 2)
+    for n in names:
+        settings.source(n)  # unknown names fail before any flow starts
+    from flows.sync import SyncAllFailed, sync_all, sync_source
+
+    config = str(OPTIONS.config) if OPTIONS.config else None
+    overrides = _overrides(**extra)
+    if len(names) == 1:
+        summaries = [_run_with_progress(sync_source, names[0], full=full, config_path=config,
+                                        overrides=overrides)]
+    else:
+        try:
+            results = _run_with_progress(sync_all, full=full, sources=names, config_path=config,
+                                         overrides=overrides)
+        except SyncAllFailed as exc:
+            raise _fail(str(exc)) from None
+        summaries = list(results.values())
+    console.print(_summary_table(summaries))
+    _exit_for(summaries)
+
+
+@app.command()
+@handle_errors
+def backfill(
+    source: Annotated[str, typer.Argument(help="source name")],
+    since: Annotated[str, typer.Option("--since", help="start of the window (ISO date/time, UTC)")],
+    until: Annotated[str | None, typer.Option("--until", help="end of the window")] = None,
+) -> None:
+    """Re-ingest what changed in a time window, without moving the cursor."""
+    from datetime import datetime
+
+    for label, value in (("--since", since), ("--until", until)):
+        if value is not None:
+            try:
+                datetime.fromisoformat(value)
+            except ValueError:
+                raise _fail(f"{label} {value!r} is not an ISO 8601 date or time", 2) from None
+    _settings().source(source)
+    from flows.sync import sync_source
+
+    summary = _run_with_progress(
+        sync_source, source, since=since, until=until,
+        config_path=str(OPTIONS.config) if OPTIONS.config else None, overrides=_overrides())
+    console.print(_summary_table([summary]))
+    _exit_for([summary])
+
+
+@app.command()
+@handle_errors
+def status() -> None:
+    """Per source: cursor, last success, documents and chunks indexed, issues."""
+    from flows.retrieve import open_store
+    from flows.state import StateStore
+
+    settings = _settings()
+    state = StateStore(settings.resolved_state_url)
+    docs: dict[str, set[str]] = defaultdict(set)
+    chunks: dict[str, int] = defaultdict(int)
+    store = open_store(settings)
+    for _, meta in store.iter_metadata():
+        docs[meta.get("source", "?")].add(meta.get("doc_id", ""))
+        chunks[meta.get("source", "?")] += 1
+    counts = state.issue_counts()
+    names = list(dict.fromkeys([s.name for s in settings.sources] + state.names() + list(docs)))
+    table = Table(title=f"kbsync status ({settings.data_dir})")
+    for column in ("source", "cursor", "last success", "last run", "documents", "chunks",
+                   "failed", "skipped"):
+        table.add_column(column)
+    for n in names:
+        st = state.get(n)
+        cursor = ", ".join(f"{k}={str(v)[:12]}" for k, v in (st.cursor or {}).items()) or "-"
+        table.add_row(
+            n, cursor,
+            st.last_success_at.strftime("%Y-%m-%d %H:%M:%S UTC") if st.last_success_at else "never",
+            st.last_status or "-", str(len(docs.get(n, ()))), str(chunks.get(n, 0)),
+            str(counts.get((n, "failed"), 0)), str(counts.get((n, "skipped"), 0)),
+        )
+    console.print(table)
+    failed = state.issues(kind="failed")
+    if failed:
+        issues = Table(title="failed documents")
+        for column in ("source", "document", "reason", "attempts"):
+            issues.add_column(column)
+        for issue in failed[:50]:
+            issues.add_row(issue.source, issue.doc_id, issue.reason, str(issue.attempts))
+        console.print(issues)
+    state.close()
+
+
+@app.command()
+@handle_errors
+def query(
+    text: Annotated[str, typer.Argument(help="the question")],
+    k: Annotated[int, typer.Option("-k", "--top-k", min=1, max=100, help="results")] = 5,
+    source: Annotated[str | None, typer.Option("--source", help="only this source")] = None,
+) -> None:
+    """Search the index and print the best chunks."""
+    from flows.retrieve import retrieve
+
+    settings = _settings()
+    hits = retrieve(settings, text, k=k, source=source)
+    if not hits:
+        raise _fail("the index is empty or nothing matched: run `kbsync sync` first")
+    console.print(f"[bold]{text}[/]", highlight=False)
+    for hit in hits:
+        body = hit.text.split("\n\n", 1)[-1] if "\n\n" in hit.text else hit.text
+        snippet = " ".join(body.split())
+        snippet = snippet[:300] + ("…" if len(snippet) > 300 else "")
+        console.print(f"\n[bold cyan]{hit.rank}.[/] [green]{hit.score:.3f}[/]  [bold]{hit.title}[/]"
+                      f"  [dim]({hit.metadata.get('source', '?')})[/]", highlight=False)
+        console.print(f"   {hit.url}", style="blue", highlight=False, overflow="fold")
+        console.print(f"   {snippet}", highlight=False, markup=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,504 @@
+"""Sync one source into the index: fetch changes -> chunk -> embed -> upsert -> cursor.
+
+``sync_source`` follows DESIGN.md's data flow, page by page:
+
+1. fetch a page of changes since the cursor (a Prefect task with retries; a retry
+   resumes from the last durable checkpoint);
+2. documents whose ``content_hash`` equals what every one of their indexed chunks
+   carries are *unchanged* and cost nothing more;
+3. changed documents are chunked; only chunk ids not already in Chroma are embedded
+   (an edited paragraph costs its own chunks);
+4. new chunks are added, kept chunks get fresh metadata, chunks no longer produced
+   and deleted documents are removed;
+5. the page's checkpoint is saved; after the last page the cursor moves, but only
+   when no document failed and the run is not a backfill. A crash anywhere means the
+   next run redoes some work and loses none.
+
+Deletions at the source are also found by *reconciliation*: the ids the source lists
+now against the ids the index holds. It runs on ``--full`` and every
+``sync.reconcile_every`` syncs, and an incomplete listing deletes nothing.
+
+Each run returns a :class:`SyncSummary` (also published as a Prefect table artifact).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+
+from connectors.base import (
+    Checkpoint,
+    ConnectorError,
+    Document,
+    DocumentIssue,
+    FetchRequest,
+    Page,
+    SourceConnector,
+    TransientSourceError,
+    utc,
+)
+from connectors.chroma import ChromaStore, IndexedDocument
+from flows.settings import Settings, load_settings
+from flows.state import StateStore
+from transforms.chunking import Chunk, ChunkingConfig, chunk_document
+from transforms.embedding import Embedder, load_embedder, resolve_model
+
+log = logging.getLogger(__name__)
+
+#: ``(stage, done, total)`` progress events for the CLI's progress bars.
+ProgressCallback = Callable[[str, int, int | None], None]
+progress_callback: contextvars.ContextVar[ProgressCallback | None] = contextvars.ContextVar(
+    "kbsync_progress", default=None
+)
+
+
+def _report(stage: str, done: int, total: int | None = None) -> None:
+    callback = progress_callback.get()
+    if callback is not None:
+        callback(stage, done, total)
+
+
+@dataclass
+class SyncSummary:
+    """What one run did. Document counts are per document, chunk counts per chunk;
+    ``seconds`` maps stage (fetch, chunk, embed, write, reconcile, total) to wall time."""
+
+    source: str
+    mode: str = "incremental"
+    status: str = "running"
+    documents_added: int = 0
+    documents_updated: int = 0
+    documents_unchanged: int = 0
+    documents_deleted: int = 0
+    documents_skipped: int = 0
+    documents_failed: int = 0
+    chunks_embedded: int = 0
+    chunks_reused: int = 0
+    chunks_deleted: int = 0
+    pages: int = 0
+    cursor: dict[str, Any] | None = None
+    cursor_advanced: bool = False
+    reconciled: bool = False
+    error: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - start, 4)
+
+    def table(self) -> list[dict[str, Any]]:
+        """Rows for the Prefect table artifact and the CLI."""
+        rows = [{"measure": k.replace("_", " "), "value": v} for k, v in self.to_dict().items()
+                if k.startswith(("documents_", "chunks_")) or k in ("status", "mode", "pages")]
+        rows += [{"measure": f"seconds {k}", "value": v} for k, v in self.seconds.items()]
+        if self.error:
+            rows.append({"measure": "error", "value": self.error})
+        return rows
+
+
+class Pipeline:
+    """The resources of a run: settings, state, vector store, and a lazily loaded model.
+
+    The model is loaded at the first changed document, so a no-op sync never imports
+    torch.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state = StateStore(settings.resolved_state_url)
+        self.model_name, _ = resolve_model(settings.embedding.model)
+        self._embedder: Embedder | None = None
+        self._store: ChromaStore | None = None
+        self._chunking: ChunkingConfig | None = None
+        #: Goes into every document hash: a change of model or chunking re-chunks.
+        self.hash_salt = f"{self.model_name}|{settings.chunking.model_dump_json()}"
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = load_embedder(self.settings.embedding.spec())
+        return self._embedder
+
+    @property
+    def store(self) -> ChromaStore:
+        """The collection, opened with the model's identity (checked against the
+        collection's) — without loading the model when the collection already exists."""
+        if self._store is None:
+            store = ChromaStore(path=self.settings.chroma_path, url=self.settings.chroma.url,
+                                collection=self.settings.chroma.collection)
+            stored_model, stored_dim = store.stored_model()
+            if stored_model == self.model_name and stored_dim is not None:
+                store.model, store.dimension = self.model_name, stored_dim
+            else:
+                store.model, store.dimension = self.model_name, self.embedder.dimension
+            store.collection()
+            self._store = store
+        return self._store
+
+    @property
+    def chunking(self) -> ChunkingConfig:
+        if self._chunking is None:
+            cfg = self.settings.chunking
+            limit = self.embedder.max_text_tokens
+            self._chunking = ChunkingConfig(
+                max_tokens=min(cfg.max_tokens or limit, limit), overlap_tokens=cfg.overlap_tokens)
+        return self._chunking
+
+    def close(self) -> None:
+        self.state.close()
+
+
+# ---------------------------------------------------------------------------- pages
+
+
+class PageReader:
+    """Reads a connector's pages; after an error the next read restarts from the last
+    durable checkpoint (which is what makes a retried fetch task resume correctly)."""
+
+    def __init__(self, connector: SourceConnector, request: FetchRequest,
+                 checkpoint: Checkpoint | None) -> None:
+        self.connector, self.request, self.checkpoint = connector, request, checkpoint
+        self._pages: Iterator[Page] | None = None
+
+    def next_page(self) -> Page | None:
+        if self._pages is None:
+            self._pages = iter(self.connector.fetch(self.request, self.checkpoint))
+        try:
+            return next(self._pages)
+        except StopIteration:
+            return None
+        except BaseException:
+            self._pages = None
+            raise
+
+
+def _retry_fetch(task, task_run, state) -> bool:
+    """Retry transient errors; a ConnectorError (bad token, bad query) fails at once."""
+    try:
+        state.result()
+    except TransientSourceError:
+        return True
+    except ConnectorError:
+        return False
+    except Exception:  # noqa: BLE001 - network errors of any client library
+        return True
+    return False
+
+
+@task(name="fetch-page", cache_policy=NO_CACHE, retry_condition_fn=_retry_fetch)
+def fetch_page(reader: PageReader) -> Page | None:
+    """The next page of changes, or ``None`` when the source has no more."""
+    return reader.next_page()
+
+
+def chunk_metadata(doc: Document, doc_hash: str, chunk: Chunk, chunk_count: int) -> dict[str, Any]:
+    """The metadata stored with a chunk: the document's own fields plus kbsync's."""
+    return {
+        **doc.metadata,
+        "doc_id": doc.id,
+        "doc_hash": doc_hash,
+        "chunk_count": chunk_count,
+        "chunk_index": chunk.index,
+        "heading": chunk.heading,
+        "source": doc.source,
+        "source_type": doc.source_type,
+        "title": doc.title,
+        "url": doc.url,
+        "format": doc.format,
+        "updated_at": doc.updated_at.isoformat(),
+        "updated_ts": int(doc.updated_at.timestamp()),
+    }
+
+
+@task(name="index-page", cache_policy=NO_CACHE)
+def index_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> list[DocumentIssue]:
+    """Make one page durable in the index; returns the documents that failed.
+
+    Raises:
+        connectors.chroma.EmbeddingModelMismatch: before writing anything.
+    """
+    store = pipeline.store
+    failures: list[DocumentIssue] = []
+    documents = list({doc.id: doc for doc in page.documents}.values())
+    skipped = [i for i in page.issues if i.kind == "skipped"]
+    # skipped documents (became binary, too large, empty) leave the index too
+    gone_ids = list(dict.fromkeys(page.deletions + [i.doc_id for i in skipped]))
+
+    with summary.timed("write"):
+        indexed = store.indexed_documents([d.id for d in documents] + gone_ids)
+
+    # -- which documents changed, and their chunks
+    planned: list[tuple[Document, str, list[Chunk], IndexedDocument | None]] = []
+    with summary.timed("chunk"):
+        for doc in documents:
+            doc_hash = doc.content_hash(pipeline.hash_salt)
+            before = indexed.get(doc.id)
+            if before is not None and before.is_current(doc_hash):
+                summary.documents_unchanged += 1
+                continue
+            try:
+                chunks = chunk_document(doc.id, doc.text, fmt=doc.format, language=doc.language,
+                                        title=doc.title, config=pipeline.chunking,
+                                        counter=pipeline.embedder.count_tokens)
+            except Exception as exc:  # noqa: BLE001 - one bad document must not stop the run
+                failures.append(DocumentIssue(doc.id, f"chunking failed: {type(exc).__name__}: {exc}",
+                                              "failed", doc.title))
+                continue
+            planned.append((doc, doc_hash, chunks, before))
+
+    # -- embed only chunk ids the collection does not hold
+    all_ids = [c.id for _, _, chunks, _ in planned for c in chunks]
+    with summary.timed("write"):
+        existing = store.existing_ids(all_ids) if all_ids else set()
+    new_chunks: dict[str, tuple[Chunk, dict[str, Any]]] = {}
+    kept: dict[str, dict[str, Any]] = {}
+    stale: list[str] = []
+    for doc, doc_hash, chunks, before in planned:
+        metas = [chunk_metadata(doc, doc_hash, c, len(chunks)) for c in chunks]
+        for chunk, meta in zip(chunks, metas, strict=True):
+            if chunk.id in existing:
+                kept[chunk.id] = meta
+            else:
+                new_chunks[chunk.id] = (chunk, meta)
+        if before is not None:
+            stale.extend(before.chunk_ids - {c.id for c in chunks})
+        if before is None:
+            summary.documents_added += 1
+        else:
+            summary.documents_updated += 1
+
+    ids = list(new_chunks)
+    with summary.timed("embed"):
+        texts = [new_chunks[i][0].text for i in ids]
+        vectors = pipeline.embedder.encode(
+            texts, progress=lambda n: _report("embed", summary.chunks_embedded + n, None)
+        ) if ids else None
+
+    with summary.timed("write"):
+        if ids:
+            store.add(ids, vectors, texts, [new_chunks[i][1] for i in ids])
+        if kept:
+            store.update_metadata(list(kept), list(kept.values()))
+        for doc_id in gone_ids:
+            before = indexed.get(doc_id)
+            if before is not None:
+                stale.extend(before.chunk_ids)
+                summary.documents_deleted += 1
+        store.delete(stale)
+        pipeline.state.clear_issues(
+            summary.source, [d.id for d, *_ in planned] + list(page.deletions))
+        pipeline.state.record_issues(
+            summary.source, [(i.doc_id, i.kind, i.reason, i.title) for i in skipped])
+
+    summary.chunks_embedded += len(ids)
+    summary.chunks_reused += len(kept)
+    summary.chunks_deleted += len(stale)
+    summary.documents_skipped += len(skipped)
+    return failures
+
+
+@task(name="reconcile", cache_policy=NO_CACHE)
+def reconcile(pipeline: Pipeline, connector: SourceConnector, summary: SyncSummary) -> bool:
+    """Delete documents the index holds but the source no longer lists.
+
+    Returns False (and deletes nothing) when the listing was incomplete.
+    """
+    with summary.timed("reconcile"):
+        listing = connector.list_ids()
+        if not listing.complete:
+            get_run_logger().warning("reconciliation skipped: incomplete listing (%s)",
+                                     listing.reason)
+            return False
+        indexed = pipeline.store.doc_ids(summary.source)
+        gone = sorted(indexed - listing.ids)
+        if gone:
+            held = pipeline.store.indexed_documents(gone)
+            chunk_ids = [cid for doc in held.values() for cid in doc.chunk_ids]
+            pipeline.store.delete(chunk_ids)
+            pipeline.state.clear_issues(summary.source, gone)
+            summary.documents_deleted += len(gone)
+            summary.chunks_deleted += len(chunk_ids)
+        return True
+
+
+def _artifact_key(source: str) -> str:
+    return "sync-" + (re.sub(r"[^a-z0-9-]+", "-", source.lower()).strip("-") or "source")
+
+
+def _parse_time(value: str | datetime | None) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return utc(value) if value else None
+    return utc(datetime.fromisoformat(value))
+
+
+def run_sync(settings: Settings, source: str, *, full: bool = False,
+             since: str | datetime | None = None, until: str | datetime | None = None,
+             connector: SourceConnector | None = None) -> SyncSummary:
+    """Sync ``source`` (the body of the ``sync_source`` flow; must run inside a flow).
+
+    Args:
+        settings: loaded settings.
+        source: a configured source name.
+        full: ignore the cursor, re-read everything (unchanged documents are skipped by
+            hash) and reconcile deletions.
+        since, until: backfill window (ISO 8601 or datetime; naive = UTC): re-ingest what
+            changed in it without moving the cursor.
+        connector: use this connector instead of building one from settings.
+
+    Raises:
+        flows.settings.ConfigError: unknown source.
+        ConnectorError: the source cannot be read at all.
+        connectors.chroma.EmbeddingModelMismatch: the collection holds another model.
+    """
+    source_settings = settings.source(source)
+    connector = connector or source_settings.build(settings)
+    pipeline = Pipeline(settings)
+    since_dt, until_dt = _parse_time(since), _parse_time(until)
+    summary = SyncSummary(source=source,
+                          mode="backfill" if since_dt else "full" if full else "incremental")
+    try:
+        with summary.timed("total"):
+            _run(pipeline, connector, summary, full=full, since=since_dt, until=until_dt)
+    except BaseException as exc:
+        summary.status = "failed"
+        summary.error = f"{type(exc).__name__}: {exc}"
+        pipeline.state.finish_run(source, status="failed", summary=summary.to_dict())
+        raise
+    finally:
+        _publish(summary)
+        pipeline.close()
+        close = getattr(connector, "close", None)
+        if callable(close):
+            close()
+    return summary
+
+
+def _run(pipeline: Pipeline, connector: SourceConnector, summary: SyncSummary, *, full: bool,
+         since: datetime | None, until: datetime | None) -> None:
+    settings, state = pipeline.settings, pipeline.state
+    logger = get_run_logger()
+    before = state.get(summary.source)
+    request = FetchRequest(cursor=None if full or since else before.cursor, since=since,
+                           until=until)
+    checkpoint = state.checkpoint_for(summary.source, request.key())
+    if checkpoint:
+        logger.info("resuming %s from checkpoint %s", summary.source, checkpoint)
+    reader = PageReader(connector, request, checkpoint)
+    fetch = fetch_page.with_options(retries=settings.sync.fetch_retries,
+                                    retry_delay_seconds=settings.sync.fetch_retry_delay_seconds)
+    failed: list[DocumentIssue] = []
+    final_cursor: dict[str, Any] | None = None
+    docs_seen = 0
+    while True:
+        with summary.timed("fetch"):
+            page = fetch(reader)
+        if page is None:
+            break
+        summary.pages += 1
+        docs_seen += len(page.documents) + len(page.deletions) + len(page.issues)
+        _report("fetch", docs_seen, None)
+        page_failures = [i for i in page.issues if i.kind == "failed"]
+        page_failures += index_page(pipeline, page, summary)
+        if page_failures:
+            state.record_issues(summary.source, [(i.doc_id, i.kind, i.reason, i.title)
+                                                 for i in page_failures])
+            failed.extend(page_failures)
+        state.save_checkpoint(summary.source, request.key(), page.checkpoint)
+        reader.checkpoint = page.checkpoint
+        if page.cursor is not None:
+            final_cursor = page.cursor
+
+    summary.documents_failed = len(failed)
+    reconciled = False
+    due = settings.sync.reconcile_every and before.syncs_since_reconcile + 1 >= settings.sync.reconcile_every
+    if not since and (full or due):
+        reconciled = reconcile(pipeline, connector, summary)
+    summary.reconciled = reconciled
+
+    advance = not since and not failed and final_cursor is not None
+    summary.cursor = final_cursor if advance else before.cursor
+    summary.cursor_advanced = advance and final_cursor != before.cursor
+    summary.status = "completed" if not failed else "completed_with_failures"
+    if failed:
+        logger.warning("%d document(s) failed; the cursor stays at %s", len(failed), before.cursor)
+    state.finish_run(summary.source, status=summary.status, summary=summary.to_dict(),
+                     cursor=final_cursor, advance_cursor=advance, reconciled=reconciled)
+    if since and not failed:
+        state.clear_checkpoint(summary.source)  # a finished backfill needs no resume point
+
+
+def _publish(summary: SyncSummary) -> None:
+    if FlowRunContext.get() is None:
+        return
+    try:
+        create_table_artifact(table=summary.table(), key=_artifact_key(summary.source),
+                              description=f"kbsync {summary.mode} sync of {summary.source}: "
+                                          f"{summary.status}")
+    except Exception as exc:  # noqa: BLE001 - a UI artifact must not fail the sync
+        log.warning("could not publish the sync artifact: %s", exc)
+
+
+@flow(name="sync-source", log_prints=True)
+def sync_source(source: str, full: bool = False, since: str | None = None,
+                until: str | None = None, config_path: str | None = None,
+                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Sync one configured source; returns the :class:`SyncSummary` as a dict.
+
+    Parameters are plain values so the flow can be deployed and scheduled: the flow
+    loads settings from ``config_path`` (or ``KBSYNC_CONFIG`` / ``./kbsync.yaml``) and
+    the environment, with ``overrides`` applied on top.
+    """
+    settings = load_settings(config_path, **(overrides or {}))
+    return run_sync(settings, source, full=full, since=since, until=until).to_dict()
+
+
+class SyncAllFailed(Exception):
+    """One or more sources failed in ``sync_all``; the others were synced."""
+
+
+@flow(name="sync-all", log_prints=True)
+def sync_all(full: bool = False, sources: list[str] | None = None,
+             config_path: str | None = None,
+             overrides: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Sync every configured source (or those named), each as a ``sync-source`` subflow.
+
+    A failing source does not stop the others; the flow fails at the end, naming them.
+    """
+    settings = load_settings(config_path, **(overrides or {}))
+    names = sources or [s.name for s in settings.sources]
+    results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        state = sync_source(name, full=full, config_path=config_path, overrides=overrides,
+                            return_state=True)
+        if state.is_completed():
+            results[name] = state.result()
+        else:
+            try:
+                state.result()
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                results[name] = {"source": name, "status": "failed",
+                                 "error": f"{type(exc).__name__}: {exc}"}
+    bad = [n for n, r in results.items() if r.get("status") == "failed"]
+    if bad:
+        raise SyncAllFailed(f"sources failed: {', '.join(bad)}; " + "; ".join(
+            f"{n}: {results[n].get('error')}" for n in bad))
+    return results
