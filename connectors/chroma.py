@@ -160,8 +160,9 @@ class ChromaStore:
 
     def stored_model(self) -> tuple[str | None, int | None]:
         """``(model, dimension)`` recorded in the collection, ``(None, None)`` if absent."""
-        col = self.collection(create=False) if self.model is None else self.collection()
-        if col is None:
+        try:
+            col = self.client.get_collection(self.name, embedding_function=None)
+        except Exception:  # noqa: BLE001 - not found (error type varies by chromadb version)
             return None, None
         meta = col.metadata or {}
         dim = meta.get(DIMENSION_KEY)

@@ -197,7 +197,10 @@ class GitConnector:
             raise self._error(what, exc) from None
 
     def _commit(self, sha: str) -> git.Commit | None:
+        """The commit ``sha`` if the repository has it (GitPython resolves lazily, so
+        existence is checked with ``git cat-file -e``), else ``None``."""
         try:
+            self.repo().git.cat_file("-e", f"{sha}^{{commit}}")
             return self.repo().commit(sha)
         except (git.BadName, ValueError, git.GitCommandError):
             return None
@@ -351,8 +354,8 @@ class GitConnector:
         size = max(1, self.options.page_size)
         reads = {p for p, action in plan if action == "read"}
         last_commits = self._last_commits(target, reads) if reads else {}
-        if not plan:
-            yield Page(checkpoint={"target": target.hexsha, "offset": 0},
+        if offset >= len(plan):  # nothing changed, or resumed after the last page
+            yield Page(checkpoint={"target": target.hexsha, "offset": len(plan)},
                        cursor={"commit": target.hexsha})
             return
         for start in range(offset, len(plan), size):

@@ -127,20 +127,25 @@ def _run_with_progress(fn, *args, **kwargs):
             progress_callback.reset(token)
 
 
+SUMMARY_ROWS = [("status", "status"), ("documents added", "documents_added"),
+                ("documents updated", "documents_updated"),
+                ("documents unchanged", "documents_unchanged"),
+                ("documents deleted", "documents_deleted"),
+                ("documents skipped", "documents_skipped"),
+                ("documents failed", "documents_failed"),
+                ("chunks embedded", "chunks_embedded"), ("chunks reused", "chunks_reused"),
+                ("chunks deleted", "chunks_deleted")]
+
+
 def _summary_table(summaries: list[dict[str, Any]]) -> Table:
-    table = Table(title="documents and chunks", show_lines=False)
-    columns = ["source", "status", "added", "updated", "same", "deleted", "skipped",
-               "failed", "embedded", "reused", "secs"]
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("source", "status") else "right")
+    """One column per source, one row per measure (readable in a narrow terminal)."""
+    table = Table(title="sync summary")
+    table.add_column("")
     for s in summaries:
-        table.add_row(
-            s["source"], s.get("status", "?"),
-            *[str(s.get(f"documents_{k}", "")) for k in
-              ("added", "updated", "unchanged", "deleted", "skipped", "failed")],
-            str(s.get("chunks_embedded", "")), str(s.get("chunks_reused", "")),
-            f"{s.get('seconds', {}).get('total', 0):.1f}",
-        )
+        table.add_column(s["source"], justify="right")
+    for label, key in SUMMARY_ROWS:
+        table.add_row(label, *[str(s.get(key, "")) for s in summaries])
+    table.add_row("seconds", *[f"{s.get('seconds', {}).get('total', 0):.1f}" for s in summaries])
     return table
 
 
@@ -238,20 +243,24 @@ def status() -> None:
         chunks[meta.get("source", "?")] += 1
     counts = state.issue_counts()
     names = list(dict.fromkeys([s.name for s in settings.sources] + state.names() + list(docs)))
-    table = Table(title=f"kbsync status ({settings.data_dir})")
-    for column in ("source", "cursor", "last success", "last run", "documents", "chunks",
-                   "failed", "skipped"):
-        table.add_column(column)
+    console.print(f"[bold]kbsync status[/] — index {settings.chroma.url or settings.chroma_path}, "
+                  f"collection {settings.chroma.collection}", highlight=False)
+    if not names:
+        console.print("no sources configured or synced yet")
+    configured = {s.name: s.type for s in settings.sources}
     for n in names:
         st = state.get(n)
-        cursor = ", ".join(f"{k}={str(v)[:12]}" for k, v in (st.cursor or {}).items()) or "-"
-        table.add_row(
-            n, cursor,
-            st.last_success_at.strftime("%Y-%m-%d %H:%M:%S UTC") if st.last_success_at else "never",
-            st.last_status or "-", str(len(docs.get(n, ()))), str(chunks.get(n, 0)),
-            str(counts.get((n, "failed"), 0)), str(counts.get((n, "skipped"), 0)),
-        )
-    console.print(table)
+        cursor = ", ".join(f"{k}={v}" for k, v in (st.cursor or {}).items()) or "none"
+        success = (st.last_success_at.strftime("%Y-%m-%d %H:%M:%S UTC")
+                   if st.last_success_at else "never")
+        console.print(f"\n[bold cyan]{n}[/] ({configured.get(n, 'not configured')})",
+                      highlight=False)
+        console.print(f"  cursor: {cursor}", highlight=False, markup=False)
+        console.print(f"  last success: {success}; last run: {st.last_status or 'none'}",
+                      highlight=False, markup=False)
+        console.print(f"  documents: {len(docs.get(n, ()))}; chunks: {chunks.get(n, 0)}; "
+                      f"failed: {counts.get((n, 'failed'), 0)}; "
+                      f"skipped: {counts.get((n, 'skipped'), 0)}", highlight=False, markup=False)
     failed = state.issues(kind="failed")
     if failed:
         issues = Table(title="failed documents")

@@ -424,8 +424,9 @@ def _run(pipeline: Pipeline, connector: SourceConnector, summary: SyncSummary, *
             failed.extend(page_failures)
         state.save_checkpoint(summary.source, request.key(), page.checkpoint)
         reader.checkpoint = page.checkpoint
-        if page.cursor is not None:
+        if page.cursor is not None:  # the last page: the source has nothing more
             final_cursor = page.cursor
+            break
 
     summary.documents_failed = len(failed)
     reconciled = False

@@ -1,0 +1,44 @@
+# kbsync — `make demo` runs the main job on embedded defaults; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+REPO ?= $(CURDIR)
+DATA_DIR ?= .kbsync
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install demo test test-all bench lint clean
+
+# torch first, pinned to the CPU build that lies on this disk, so nothing pulls CUDA.
+$(BIN)/kbsync: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(BIN)/kbsync
+
+install: $(BIN)/kbsync
+
+demo: install
+	$(BIN)/kbsync --data-dir $(DATA_DIR) sync --repo $(REPO) --name kbsync
+	$(BIN)/kbsync --data-dir $(DATA_DIR) query "How does an incremental sync decide which chunks to embed again?" -k 3
+	$(BIN)/kbsync --data-dir $(DATA_DIR) query "Where is the git access token kept out of logs and errors?" -k 3
+	$(BIN)/kbsync --data-dir $(DATA_DIR) query "What happens when the embedding model of the collection is different?" -k 3
+	$(BIN)/kbsync --data-dir $(DATA_DIR) status
+
+test: install
+	$(BIN)/python -m pytest
+
+test-all: install
+	$(BIN)/python -m pytest -m ''
+
+bench: install
+	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/retrieval.py
+
+lint: install
+	$(BIN)/ruff check connectors transforms flows tests benchmarks
+
+clean:
+	rm -rf $(VENV) $(DATA_DIR) .pytest_cache

@@ -1,0 +1,151 @@
+"""Shared fixtures: a real Prefect test server, real git repositories, real Chroma.
+
+Everything here is real: ``prefect_test_harness`` runs a temporary Prefect server
+(SQLite) for the whole session, repositories are built with GitPython in temp dirs,
+Chroma is an embedded ``PersistentClient`` under each test's data dir, and the
+embedding model is the packaged all-MiniLM-L6-v2 (loaded once per session).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_PREFECT_HOME = tempfile.mkdtemp(prefix="kbsync-prefect-home-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+for _var in ("KBSYNC_CONFIG", "KBSYNC_STATE_URL", "KBSYNC_DATA_DIR", "KBSYNC_SOURCES"):
+    os.environ.pop(_var, None)
+
+import flows  # noqa: E402,F401 - telemetry-off defaults before prefect is imported
+import git  # noqa: E402
+
+from flows.settings import Settings  # noqa: E402
+
+REALDATA = Path(os.environ.get("KBSYNC_REALDATA", Path(__file__).resolve().parents[2] / "shared"
+                               / "realdata"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server():
+    """One temporary Prefect server (real API, SQLite) for the whole test session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cwd(tmp_path, monkeypatch):
+    """Each test runs in its own directory, so no stray ./kbsync.yaml is picked up."""
+    monkeypatch.chdir(tmp_path)
+
+
+class Repo:
+    """A real git repository in a temp dir, with helpers to commit files."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        self.repo = git.Repo.init(path, initial_branch="main")
+        with self.repo.config_writer() as cfg:
+            cfg.set_value("user", "name", "Test Author")
+            cfg.set_value("user", "email", "author@example.com")
+
+    def write(self, files: dict[str, str | bytes]) -> None:
+        for rel, content in files.items():
+            target = self.path / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content, encoding="utf-8")
+
+    def commit(self, files: dict[str, str | bytes] | None = None, message: str = "change",
+               remove: list[str] | None = None, move: dict[str, str] | None = None,
+               when: datetime | None = None) -> str:
+        if files:
+            self.write(files)
+            self.repo.index.add(list(files))
+        for old, new in (move or {}).items():
+            (self.path / new).parent.mkdir(parents=True, exist_ok=True)
+            self.repo.git.mv(old, new)
+        if remove:
+            self.repo.index.remove(remove, working_tree=True)
+        dates = {}
+        if when is not None:
+            stamp = f"{int(when.timestamp())} +0000"
+            dates = {"author_date": stamp, "commit_date": stamp}
+        return self.repo.index.commit(message, **dates).hexsha
+
+    @property
+    def head(self) -> str:
+        return self.repo.head.commit.hexsha
+
+
+@pytest.fixture
+def make_repo(tmp_path) -> Callable[..., Repo]:
+    counter = {"n": 0}
+
+    def factory(files: dict[str, str | bytes] | None = None, name: str | None = None) -> Repo:
+        counter["n"] += 1
+        repo = Repo(tmp_path / (name or f"repo{counter['n']}"))
+        if files:
+            repo.commit(files, "initial")
+        return repo
+
+    return factory
+
+
+@pytest.fixture
+def make_settings(tmp_path) -> Callable[..., Settings]:
+    """Settings with a git source per repository, everything under ``tmp_path/data``."""
+
+    def factory(*repos: Repo | str, names: list[str] | None = None,
+                source: dict[str, Any] | None = None, **overrides: Any) -> Settings:
+        sources = []
+        for i, repo in enumerate(repos):
+            url = str(repo.path) if isinstance(repo, Repo) else repo
+            sources.append({"type": "git", "name": names[i] if names else f"src{i}",
+                            "url": url, **(source or {})})
+        data = {"data_dir": tmp_path / "data", "sources": sources,
+                "sync": {"fetch_retry_delay_seconds": 0, "fetch_retries": 1}}
+        data.update(overrides)
+        return Settings(**data)
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from transforms.embedding import EmbedderSpec, load_embedder
+
+    return load_embedder(EmbedderSpec())
+
+
+def long_markdown(sections: int = 12, paragraphs: int = 3) -> str:
+    """A long Markdown document with distinct paragraphs (several chunks per section)."""
+    topics = ["replication", "backups", "indexing", "caching", "sharding", "monitoring",
+              "alerting", "deployment", "rollbacks", "migrations", "quotas", "auditing",
+              "encryption", "tokens", "retention", "compaction"]
+    out = ["# Operations handbook", ""]
+    for s in range(sections):
+        topic = topics[s % len(topics)]
+        out += [f"## {topic.title()} ({s})", ""]
+        for p in range(paragraphs):
+            out.append(
+                f"Paragraph {p} about {topic} in section {s}. The {topic} procedure requires "
+                f"the on-call engineer to verify step {p} before continuing, record the "
+                f"outcome in the run book, and notify the owning team of section {s} when "
+                f"the {topic} job finishes. Unexpected results in {topic} must be escalated "
+                f"within {15 + p} minutes, with logs attached and the ticket linked."
+            )
+            out.append("")
+    return "\n".join(out)
