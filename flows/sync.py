@@ -50,8 +50,10 @@ from connectors.base import (
     utc,
 )
 from connectors.chroma import ChromaStore, IndexedDocument
+from flows.embed import apply_batch
 from flows.settings import Settings, load_settings
 from flows.state import StateStore
+from transforms.batches import ChunkBatch
 from transforms.chunking import Chunk, ChunkingConfig, chunk_document
 from transforms.embedding import Embedder, load_embedder, resolve_model
 
@@ -269,49 +271,39 @@ def index_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> list[Doc
     all_ids = [c.id for _, _, chunks, _ in planned for c in chunks]
     with summary.timed("write"):
         existing = store.existing_ids(all_ids) if all_ids else set()
-    new_chunks: dict[str, tuple[Chunk, dict[str, Any]]] = {}
-    kept: dict[str, dict[str, Any]] = {}
-    stale: list[str] = []
+    batch = ChunkBatch(source=summary.source)
     for doc, doc_hash, chunks, before in planned:
-        metas = [chunk_metadata(doc, doc_hash, c, len(chunks)) for c in chunks]
-        for chunk, meta in zip(chunks, metas, strict=True):
+        for chunk in chunks:
+            meta = chunk_metadata(doc, doc_hash, chunk, len(chunks))
             if chunk.id in existing:
-                kept[chunk.id] = meta
+                batch.update(chunk.id, meta)
             else:
-                new_chunks[chunk.id] = (chunk, meta)
+                batch.add(chunk.id, chunk.text, meta)
         if before is not None:
-            stale.extend(before.chunk_ids - {c.id for c in chunks})
-        if before is None:
-            summary.documents_added += 1
-        else:
+            batch.delete_ids.extend(before.chunk_ids - {c.id for c in chunks})
             summary.documents_updated += 1
+        else:
+            summary.documents_added += 1
+    for doc_id in gone_ids:
+        before = indexed.get(doc_id)
+        if before is not None:
+            batch.delete_ids.extend(before.chunk_ids)
+            summary.documents_deleted += 1
 
-    ids = list(new_chunks)
-    with summary.timed("embed"):
-        texts = [new_chunks[i][0].text for i in ids]
-        vectors = pipeline.embedder.encode(
-            texts, progress=lambda n: _report("embed", summary.chunks_embedded + n, None)
-        ) if ids else None
-
+    done = summary.chunks_embedded
+    seconds = apply_batch(batch, store, lambda: pipeline.embedder,
+                          progress=lambda n: _report("embed", done + n, None))
+    for stage, value in seconds.items():
+        summary.seconds[stage] = round(summary.seconds.get(stage, 0.0) + value, 4)
     with summary.timed("write"):
-        if ids:
-            store.add(ids, vectors, texts, [new_chunks[i][1] for i in ids])
-        if kept:
-            store.update_metadata(list(kept), list(kept.values()))
-        for doc_id in gone_ids:
-            before = indexed.get(doc_id)
-            if before is not None:
-                stale.extend(before.chunk_ids)
-                summary.documents_deleted += 1
-        store.delete(stale)
         pipeline.state.clear_issues(
             summary.source, [d.id for d, *_ in planned] + list(page.deletions))
         pipeline.state.record_issues(
             summary.source, [(i.doc_id, i.kind, i.reason, i.title) for i in skipped])
 
-    summary.chunks_embedded += len(ids)
-    summary.chunks_reused += len(kept)
-    summary.chunks_deleted += len(stale)
+    summary.chunks_embedded += len(batch.add_ids)
+    summary.chunks_reused += len(batch.update_ids)
+    summary.chunks_deleted += len(batch.delete_ids)
     summary.documents_skipped += len(skipped)
     return failures
 
