@@ -278,12 +278,16 @@ def query(
     text: Annotated[str, typer.Argument(help="the question")],
     k: Annotated[int, typer.Option("-k", "--top-k", min=1, max=100, help="results")] = 5,
     source: Annotated[str | None, typer.Option("--source", help="only this source")] = None,
+    mode: Annotated[str | None, typer.Option(
+        "--mode", help="dense, lexical or hybrid (default: retrieval.mode, hybrid)")] = None,
 ) -> None:
     """Search the index and print the best chunks."""
-    from flows.retrieve import retrieve
+    from flows.retrieve import MODES, retrieve
 
+    if mode is not None and mode not in MODES:
+        raise _fail(f"--mode must be one of {', '.join(MODES)}, not {mode!r}", 2)
     settings = _settings()
-    hits = retrieve(settings, text, k=k, source=source)
+    hits = retrieve(settings, text, k=k, source=source, mode=mode)
     if not hits:
         raise _fail("the index is empty or nothing matched: run `kbsync sync` first")
     console.print(f"[bold]{text}[/]", highlight=False)
@@ -291,10 +295,33 @@ def query(
         body = hit.text.split("\n\n", 1)[-1] if "\n\n" in hit.text else hit.text
         snippet = " ".join(body.split())
         snippet = snippet[:300] + ("…" if len(snippet) > 300 else "")
+        ranks = ", ".join(f"{side} #{r}" for side, r in hit.ranks.items())
         console.print(f"\n[bold cyan]{hit.rank}.[/] [green]{hit.score:.3f}[/]  [bold]{hit.title}[/]"
-                      f"  [dim]({hit.metadata.get('source', '?')})[/]", highlight=False)
+                      f"  [dim]({hit.metadata.get('source', '?')}; {ranks})[/]", highlight=False)
         console.print(f"   {hit.url}", style="blue", highlight=False, overflow="fold")
         console.print(f"   {snippet}", highlight=False, markup=False)
+
+
+@app.command()
+@handle_errors
+def reindex(
+    lexical: Annotated[bool, typer.Option("--lexical", help="rebuild the lexical (BM25) index "
+                                          "from the chunks Chroma holds")] = False,
+) -> None:
+    """Rebuild a derived index from Chroma (the source of truth)."""
+    if not lexical:
+        raise _fail("say what to rebuild: --lexical", 2)
+    from connectors.lexical import LexicalIndex
+    from flows.embed import rebuild_lexical
+    from flows.retrieve import open_store
+
+    settings = _settings()
+    index = LexicalIndex(settings.lexical_path)
+    try:
+        n = rebuild_lexical(open_store(settings), index)
+    finally:
+        index.close()
+    console.print(f"lexical index rebuilt: {n} chunks in {settings.lexical_path}")
 
 
 def main() -> None:

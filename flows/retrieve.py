@@ -1,28 +1,52 @@
-"""Retrieval over the index: ``retrieve(text, k, source=...)`` -> ranked chunks.
+"""Retrieval over the index: ``retrieve(settings, text, k, mode=..., source=..., filters=...)``.
 
-One function serves ``kbsync query`` and the Python API; the query is embedded with the
-same model as the collection (the collection's recorded model is checked first).
+One function serves ``kbsync query``, the validation flow and Python callers.
+
+Modes:
+    ``dense``   nearest chunks by cosine similarity in Chroma (the collection's model).
+    ``lexical`` BM25 over the lexical index (Russian/English stems; see
+                ``connectors.lexical``).
+    ``hybrid``  (default) reciprocal-rank fusion of both rankings (Cormack, Clarke &
+                Buettcher, SIGIR 2009): ``score = w_d / (rrf_k + rank_d) + w_l / (rrf_k +
+                rank_l)``, a side that did not return the chunk contributing nothing. Each
+                side returns ``retrieval.candidates`` chunks (default 50), so a chunk found
+                by only one side still ranks.
+
+The all-MiniLM-L6-v2 default understands English only (Cyrillic becomes single
+characters), so Russian questions are carried by the lexical side in hybrid mode.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from connectors.chroma import ChromaStore, EmbeddingModelMismatch
+from connectors.lexical import LexicalIndex
 from flows.settings import Settings
 from transforms.embedding import load_embedder, resolve_model
+
+Mode = Literal["dense", "lexical", "hybrid"]
+MODES: tuple[str, ...] = ("dense", "lexical", "hybrid")
 
 
 @dataclass(frozen=True)
 class RetrievedChunk:
-    """One result: rank from 1, cosine similarity, chunk text and metadata."""
+    """One result.
+
+    Attributes:
+        rank: from 1.
+        score: cosine similarity (dense), BM25 (lexical) or the fused RRF score (hybrid).
+        chunk_id, text, metadata: the chunk as stored.
+        ranks: the chunk's rank on each side that returned it (``{"dense": 3}``).
+    """
 
     rank: int
     score: float
     chunk_id: str
     text: str
     metadata: dict[str, Any]
+    ranks: dict[str, int] = field(default_factory=dict)
 
     @property
     def title(self) -> str:
@@ -43,33 +67,91 @@ def open_store(settings: Settings) -> ChromaStore:
                        collection=settings.chroma.collection)
 
 
-def retrieve(settings: Settings, text: str, k: int = 5, *, source: str | None = None,
-             filters: dict[str, Any] | None = None) -> list[RetrievedChunk]:
-    """The ``k`` chunks nearest to ``text``.
+def _where(source: str | None, filters: dict[str, Any] | None) -> dict[str, Any] | None:
+    conditions = [{"source": source}] if source else []
+    conditions += [{key: value} for key, value in (filters or {}).items()]
+    if not conditions:
+        return None
+    return conditions[0] if len(conditions) == 1 else {"$and": conditions}
 
-    Args:
-        settings: loaded settings (store location and embedding model).
-        text: the question.
-        k: how many chunks to return.
-        source: only chunks of this source.
-        filters: extra Chroma ``where`` conditions on metadata (``{"language": "python"}``).
 
-    Raises:
-        EmbeddingModelMismatch: the collection was built with another model.
-    """
-    store = open_store(settings)
+def _dense(settings: Settings, store: ChromaStore, text: str, n: int,
+           where: dict[str, Any] | None) -> list[tuple[str, float, str, dict[str, Any]]]:
     stored_model, _ = store.stored_model()
-    if stored_model is None:
-        return []
     configured, _ = resolve_model(settings.embedding.model)
     if stored_model != configured:
         raise EmbeddingModelMismatch(
             f"collection {store.name!r} holds {stored_model!r} vectors; settings say {configured!r}")
-    conditions = [{"source": source}] if source else []
-    conditions += [{key: value} for key, value in (filters or {}).items()]
-    where = conditions[0] if len(conditions) == 1 else {"$and": conditions} if conditions else None
     embedder = load_embedder(settings.embedding.spec())
-    vector = embedder.encode([text])[0]
-    hits = store.query(vector, k=k, where=where)
-    return [RetrievedChunk(rank=i, score=h.score, chunk_id=h.id, text=h.text, metadata=h.metadata)
-            for i, h in enumerate(hits, start=1)]
+    vector = embedder.encode([text], kind="query")[0]
+    return [(h.id, h.score, h.text, h.metadata) for h in store.query(vector, k=n, where=where)]
+
+
+def _lexical(settings: Settings, store: ChromaStore, text: str, n: int, source: str | None,
+             where: dict[str, Any] | None) -> list[tuple[str, float, str, dict[str, Any]]]:
+    if not settings.lexical.enabled or not settings.lexical_path.exists():
+        return []
+    index = LexicalIndex(settings.lexical_path)
+    try:
+        hits = index.search(text, k=n, source=source)
+    finally:
+        index.close()
+    if not hits:
+        return []
+    col = store.collection(create=False)
+    res = col.get(ids=[h.chunk_id for h in hits], where=where, include=["documents", "metadatas"])
+    found = {cid: (doc or "", meta or {}) for cid, doc, meta in
+             zip(res["ids"], res["documents"], res["metadatas"], strict=True)}
+    # rows Chroma does not hold (a crash between the two writes) are dropped
+    return [(h.chunk_id, h.score, *found[h.chunk_id]) for h in hits if h.chunk_id in found]
+
+
+def retrieve(settings: Settings, text: str, k: int = 5, *, mode: Mode | None = None,
+             source: str | None = None,
+             filters: dict[str, Any] | None = None) -> list[RetrievedChunk]:
+    """The ``k`` best chunks for ``text``.
+
+    Args:
+        settings: loaded settings (store, lexical index, model, ``retrieval.*``).
+        text: the question.
+        k: how many chunks to return.
+        mode: ``dense``, ``lexical`` or ``hybrid``; default ``retrieval.mode``.
+        source: only chunks of this source.
+        filters: extra Chroma ``where`` equality conditions on metadata
+            (``{"language": "python"}``).
+
+    Raises:
+        EmbeddingModelMismatch: dense/hybrid on a collection built with another model.
+        ValueError: unknown mode.
+    """
+    mode = mode or settings.retrieval.mode
+    if mode not in MODES:
+        raise ValueError(f"unknown retrieval mode {mode!r} (one of {', '.join(MODES)})")
+    store = open_store(settings)
+    if store.stored_model()[0] is None:
+        return []
+    where = _where(source, filters)
+    r = settings.retrieval
+    if mode == "dense":
+        rows = _dense(settings, store, text, k, where)
+        return [RetrievedChunk(i, s, cid, t, m, {"dense": i})
+                for i, (cid, s, t, m) in enumerate(rows, 1)]
+    if mode == "lexical":
+        rows = _lexical(settings, store, text, k, source, where)
+        return [RetrievedChunk(i, s, cid, t, m, {"lexical": i})
+                for i, (cid, s, t, m) in enumerate(rows, 1)]
+
+    n = max(k, r.candidates)
+    fused: dict[str, dict[str, Any]] = {}
+    for side, weight, rows in (
+        ("dense", r.dense_weight, _dense(settings, store, text, n, where)),
+        ("lexical", r.lexical_weight, _lexical(settings, store, text, n, source, where)),
+    ):
+        for rank, (cid, _score, chunk_text, meta) in enumerate(rows, 1):
+            entry = fused.setdefault(cid, {"score": 0.0, "text": chunk_text, "meta": meta,
+                                           "ranks": {}})
+            entry["score"] += weight / (r.rrf_k + rank)
+            entry["ranks"][side] = rank
+    best = sorted(fused.items(), key=lambda kv: -kv[1]["score"])[:k]
+    return [RetrievedChunk(i, e["score"], cid, e["text"], e["meta"], e["ranks"])
+            for i, (cid, e) in enumerate(best, 1)]

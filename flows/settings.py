@@ -69,6 +69,24 @@ class ChunkingSettings(_Model):
     overlap_tokens: int = Field(32, ge=0)
 
 
+class LexicalSettings(_Model):
+    """The BM25 index kept in step with Chroma (SQLite FTS5 under the data dir)."""
+
+    enabled: bool = True
+    path: Path | None = Field(None, description="default <data_dir>/lexical.db")
+
+
+class RetrievalSettings(_Model):
+    """How ``kbsync query``, the validation flow and ``retrieve()`` rank chunks."""
+
+    mode: Literal["dense", "lexical", "hybrid"] = "hybrid"
+    candidates: int = Field(50, ge=1, le=1000,
+                            description="chunks taken from each side before fusion")
+    rrf_k: int = Field(60, ge=1, description="reciprocal-rank fusion constant")
+    dense_weight: float = Field(1.0, ge=0)
+    lexical_weight: float = Field(1.0, ge=0)
+
+
 class SyncSettings(_Model):
     """How runs behave."""
 
@@ -124,6 +142,8 @@ class Settings(BaseSettings):
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     chunking: ChunkingSettings = Field(default_factory=ChunkingSettings)
     sync: SyncSettings = Field(default_factory=SyncSettings)
+    lexical: LexicalSettings = Field(default_factory=LexicalSettings)
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     sources: list[SourceSettings] = Field(default_factory=list)
 
     @field_validator("sources")
@@ -147,6 +167,10 @@ class Settings(BaseSettings):
     @property
     def chroma_path(self) -> Path:
         return self.chroma.path or self.data_dir / "chroma"
+
+    @property
+    def lexical_path(self) -> Path:
+        return self.lexical.path or self.data_dir / "lexical.db"
 
     def source(self, name: str) -> Any:
         """The settings of source ``name``; raises :class:`ConfigError` if unknown."""

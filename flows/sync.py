@@ -50,7 +50,8 @@ from connectors.base import (
     utc,
 )
 from connectors.chroma import ChromaStore, IndexedDocument
-from flows.embed import apply_batch
+from connectors.lexical import LexicalIndex
+from flows.embed import apply_batch, rebuild_lexical
 from flows.settings import Settings, load_settings
 from flows.state import StateStore
 from transforms.batches import ChunkBatch
@@ -131,6 +132,7 @@ class Pipeline:
         self._embedder: Embedder | None = None
         self._store: ChromaStore | None = None
         self._chunking: ChunkingConfig | None = None
+        self._lexical: LexicalIndex | None = None
         #: Goes into every document hash: a change of model or chunking re-chunks.
         self.hash_salt = f"{self.model_name}|{settings.chunking.model_dump_json()}"
 
@@ -157,6 +159,21 @@ class Pipeline:
         return self._store
 
     @property
+    def lexical(self) -> LexicalIndex | None:
+        """The lexical index, or None when disabled. Rebuilt from Chroma first when it is
+        missing or stale (another analyzer version, or empty while Chroma is not)."""
+        if not self.settings.lexical.enabled:
+            return None
+        if self._lexical is None:
+            lexical = LexicalIndex(self.settings.lexical_path)
+            stale = not lexical.current or (lexical.count() == 0 and self.store.count() > 0)
+            if stale:
+                log.warning("rebuilding the lexical index %s from Chroma", lexical.path)
+                rebuild_lexical(self.store, lexical)
+            self._lexical = lexical
+        return self._lexical
+
+    @property
     def chunking(self) -> ChunkingConfig:
         if self._chunking is None:
             cfg = self.settings.chunking
@@ -167,6 +184,8 @@ class Pipeline:
 
     def close(self) -> None:
         self.state.close()
+        if self._lexical is not None:
+            self._lexical.close()
 
 
 # ---------------------------------------------------------------------------- pages
@@ -284,15 +303,17 @@ def index_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> list[Doc
             summary.documents_updated += 1
         else:
             summary.documents_added += 1
+    batch.delete_doc_ids.extend(gone_ids)
     for doc_id in gone_ids:
         before = indexed.get(doc_id)
         if before is not None:
-            batch.delete_ids.extend(before.chunk_ids)
             summary.documents_deleted += 1
+            summary.chunks_deleted += len(before.chunk_ids)
 
     done = summary.chunks_embedded
     seconds = apply_batch(batch, store, lambda: pipeline.embedder,
-                          progress=lambda n: _report("embed", done + n, None))
+                          progress=lambda n: _report("embed", done + n, None),
+                          lexical=pipeline.lexical)
     for stage, value in seconds.items():
         summary.seconds[stage] = round(summary.seconds.get(stage, 0.0) + value, 4)
     with summary.timed("write"):
@@ -324,11 +345,11 @@ def reconcile(pipeline: Pipeline, connector: SourceConnector, summary: SyncSumma
         gone = sorted(indexed - listing.ids)
         if gone:
             held = pipeline.store.indexed_documents(gone)
-            chunk_ids = [cid for doc in held.values() for cid in doc.chunk_ids]
-            pipeline.store.delete(chunk_ids)
+            apply_batch(ChunkBatch(source=summary.source, delete_doc_ids=gone), pipeline.store,
+                        lambda: pipeline.embedder, lexical=pipeline.lexical)
             pipeline.state.clear_issues(summary.source, gone)
             summary.documents_deleted += len(gone)
-            summary.chunks_deleted += len(chunk_ids)
+            summary.chunks_deleted += sum(len(doc.chunk_ids) for doc in held.values())
         return True
 
 
@@ -344,7 +365,8 @@ def _parse_time(value: str | datetime | None) -> datetime | None:
 
 def run_sync(settings: Settings, source: str, *, full: bool = False,
              since: str | datetime | None = None, until: str | datetime | None = None,
-             connector: SourceConnector | None = None) -> SyncSummary:
+             connector: SourceConnector | None = None,
+             pipeline: Pipeline | None = None) -> SyncSummary:
     """Sync ``source`` (the body of the ``sync_source`` flow; must run inside a flow).
 
     Args:
@@ -355,6 +377,7 @@ def run_sync(settings: Settings, source: str, *, full: bool = False,
         since, until: backfill window (ISO 8601 or datetime; naive = UTC): re-ingest what
             changed in it without moving the cursor.
         connector: use this connector instead of building one from settings.
+        pipeline: use these opened resources instead of opening them from settings.
 
     Raises:
         flows.settings.ConfigError: unknown source.
@@ -363,7 +386,7 @@ def run_sync(settings: Settings, source: str, *, full: bool = False,
     """
     source_settings = settings.source(source)
     connector = connector or source_settings.build(settings)
-    pipeline = Pipeline(settings)
+    pipeline = pipeline or Pipeline(settings)
     since_dt, until_dt = _parse_time(since), _parse_time(until)
     summary = SyncSummary(source=source,
                           mode="backfill" if since_dt else "full" if full else "incremental")

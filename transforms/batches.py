@@ -19,6 +19,8 @@ class ChunkBatch:
         add_ids, add_texts, add_metadatas: new chunks (parallel lists), to embed and add.
         update_ids, update_metadatas: stored chunks whose metadata is replaced.
         delete_ids: chunk ids to delete.
+        delete_doc_ids: documents removed entirely (deleted at the source, or no longer
+            eligible): every chunk of theirs goes, also rows only the lexical index has.
         source: the source the batch belongs to (for logs and staging names).
     """
 
@@ -29,6 +31,7 @@ class ChunkBatch:
     update_ids: list[str] = field(default_factory=list)
     update_metadatas: list[dict[str, Any]] = field(default_factory=list)
     delete_ids: list[str] = field(default_factory=list)
+    delete_doc_ids: list[str] = field(default_factory=list)
 
     def add(self, chunk_id: str, text: str, metadata: dict[str, Any]) -> None:
         self.add_ids.append(chunk_id)
@@ -41,4 +44,4 @@ class ChunkBatch:
 
     @property
     def empty(self) -> bool:
-        return not (self.add_ids or self.update_ids or self.delete_ids)
+        return not (self.add_ids or self.update_ids or self.delete_ids or self.delete_doc_ids)

@@ -60,6 +60,26 @@ def pick_device(device: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def model_prefixes(name: str, prompts: dict[str, str]) -> dict[str, str]:
+    """The prefixes a model family expects before queries and passages.
+
+    Models that declare prompts in ``config_sentence_transformers.json`` (``query`` and
+    ``document``/``passage``) get those; the E5 family (``intfloat/e5-*``,
+    ``multilingual-e5-*``), trained with ``"query: "`` / ``"passage: "``
+    (https://huggingface.co/intfloat/multilingual-e5-base#faq), gets them by name;
+    others (MiniLM, mpnet, LaBSE) need none.
+    """
+    out: dict[str, str] = {}
+    if prompts.get("query"):
+        out["query"] = prompts["query"]
+    passage = prompts.get("document") or prompts.get("passage")
+    if passage:
+        out["passage"] = passage
+    if not out and "e5" in name.lower().replace("/", "-").split("-"):
+        out = {"query": "query: ", "passage": "passage: "}
+    return out
+
+
 @dataclass(frozen=True)
 class EmbedderSpec:
     """Which model to load and how (hashable, so loaded models can be shared)."""
@@ -108,25 +128,37 @@ class Embedder:
         self.max_seq_length = int(self.model.max_seq_length)
         self._tokenizer = self.model.tokenizer
         self._special = int(self._tokenizer.num_special_tokens_to_add(pair=False))
+        self.prefixes = model_prefixes(self.name, getattr(self.model, "prompts", None) or {})
         self._lock = threading.Lock()
 
     @property
     def max_text_tokens(self) -> int:
-        """Tokens of text that fit: ``max_seq_length`` minus the special tokens."""
-        return self.max_seq_length - self._special
+        """Tokens of text that fit: ``max_seq_length`` minus the special tokens and the
+        passage prefix the model family needs."""
+        prefix = self.prefixes.get("passage", "")
+        return self.max_seq_length - self._special - (self.count_tokens(prefix) if prefix else 0)
 
     def count_tokens(self, text: str) -> int:
         """Number of the model's tokens in ``text``, without special tokens."""
         return len(self._tokenizer(text, add_special_tokens=False, truncation=False,
                                    verbose=False)["input_ids"])
 
-    def encode(self, texts: Sequence[str],
-               progress: Callable[[int], None] | None = None) -> np.ndarray:
+    def encode(self, texts: Sequence[str], progress: Callable[[int], None] | None = None,
+               kind: str = "passage") -> np.ndarray:
         """Embed ``texts``; returns a ``(len(texts), dimension)`` float32 array of unit
-        vectors. ``progress`` is called with the number of texts done after each batch
-        group."""
+        vectors.
+
+        Args:
+            texts: chunk texts (``kind="passage"``) or questions (``kind="query"``); the
+                model family's prefix for that kind is prepended (see
+                :func:`model_prefixes`).
+            progress: called with the number of texts done after each batch group.
+        """
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
+        prefix = self.prefixes.get(kind, "")
+        if prefix:
+            texts = [prefix + t for t in texts]
         step = max(self.spec.batch_size * 16, 1)
         parts = []
         with self._lock:

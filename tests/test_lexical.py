@@ -1,0 +1,194 @@
+"""The lexical index beside Chroma, analysis, and the three retrieval modes."""
+
+from __future__ import annotations
+
+import chromadb
+import pytest
+from typer.testing import CliRunner
+
+from connectors.lexical import LexicalIndex
+from flows.cli import app
+from flows.retrieve import retrieve
+from flows.sync import Pipeline
+from tests.test_sync import chunks_by_doc, collection, sync
+from transforms.analysis import analyze, detect_language, split_identifier
+
+RU_DOCS = {
+    "docs/build.md": "# Сборка документации\n\nЧтобы собрать проект, запустите сборщик с "
+                     "параметром выходной папки. Сборка создаёт статические HTML-страницы.\n",
+    "docs/search.md": "# Поиск\n\nЛокальный поиск строится при сборке на основе индекса "
+                      "lunr и работает без сервера.\n",
+    "docs/deploy.md": "# Publishing\n\nUpload the generated site to an S3 bucket with the "
+                      "publish command and an access key.\n",
+    "src/config.py": "def load_max_file_bytes(settings):\n    return settings.maxFileBytes\n",
+}
+
+
+# ----------------------------------------------------------------------- analysis
+
+def test_russian_word_forms_share_a_stem():
+    forms = ["документация", "документации", "документацию", "документацией"]
+    stems = {analyze(form)[0] for form in forms}
+    assert len(stems) == 1
+    assert analyze("сборки")[0] == analyze("сборка")[0] == analyze("сборку")[0]
+
+
+def test_english_stems_identifiers_and_stop_words():
+    assert analyze("the indexing of indexes")[:1] == analyze("indexed")[:1]
+    assert "the" not in analyze("the index") and "и" not in analyze("поиск и сборка")
+    assert split_identifier("getUserName") == ["get", "User", "Name"]
+    assert split_identifier("HTTPServer") == ["HTTP", "Server"]
+    terms = analyze("maxFileBytes")
+    assert {"max", "file", "byte"} <= set(terms)  # parts are searchable, stemmed
+    assert analyze("ёлка") == analyze("елка")
+
+
+def test_language_detection():
+    assert detect_language("Настройка сборки YAML-файлов") == "ru"
+    assert detect_language("Configure the build of YAML files") == "en"
+
+
+# ----------------------------------------------------------------- the index alone
+
+def test_lexical_index_add_search_replace_delete(tmp_path):
+    index = LexicalIndex(tmp_path / "lex.db")
+    meta = [{"doc_id": "a:1", "source": "a"}, {"doc_id": "a:2", "source": "a"},
+            {"doc_id": "b:1", "source": "b"}]
+    index.add(["c1", "c2", "c3"], ["сборка документации", "поиск lunr", "сборка S3"], meta)
+    assert [h.chunk_id for h in index.search("сборку документацией", k=5)] == ["c1", "c3"]
+    assert [h.chunk_id for h in index.search("сборку", source="b")] == ["c3"]
+
+    index.add(["c1"], ["совсем другой текст"], [meta[0]])  # same id: replaced, not doubled
+    assert index.count() == 3
+    assert [h.chunk_id for h in index.search("документации")] == []
+
+    index.delete(["c2"])
+    index.delete_documents(["b:1"])
+    assert index.ids() == {"c1"}
+    assert index.current
+    index.close()
+
+
+# ----------------------------------------------------- kept in step with Chroma
+
+def lexical_ids(settings) -> set[str]:
+    index = LexicalIndex(settings.lexical_path)
+    try:
+        return index.ids()
+    finally:
+        index.close()
+
+
+def chroma_ids(settings) -> set[str]:
+    return set(collection(settings).get(include=[])["ids"])
+
+
+def test_sync_keeps_lexical_and_chroma_in_step(make_repo, make_settings):
+    repo = make_repo(RU_DOCS)
+    settings = make_settings(repo)
+    sync(settings)
+    assert lexical_ids(settings) == chroma_ids(settings) != set()
+
+    repo.commit({"docs/build.md": RU_DOCS["docs/build.md"] + "\nДобавлен раздел про кэш.\n"},
+                remove=["docs/deploy.md"])
+    result = sync(settings)
+    assert result["documents_updated"] == 1 and result["documents_deleted"] == 1
+    assert lexical_ids(settings) == chroma_ids(settings)
+    assert "src0:docs/deploy.md" not in chunks_by_doc(settings)
+
+    hits = retrieve(settings, "кэш", k=3, mode="lexical")
+    assert hits and hits[0].doc_id == "src0:docs/build.md"
+
+
+class FailingAdd:
+    """The real chromadb collection, except that its next ``add`` fails, as if the
+    Chroma server went away between the lexical write and the Chroma write."""
+
+    def __init__(self, real):
+        self._real = real
+        self.armed = True
+
+    def add(self, **kwargs):
+        if self.armed:
+            self.armed = False
+            raise ConnectionError("simulated: Chroma unreachable during add")
+        return self._real.add(**kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def test_crash_between_lexical_and_chroma_writes_converges(make_repo, make_settings):
+    repo = make_repo({"a.md": "# Первый\n\nТекст первого документа про репликацию.\n"})
+    settings = make_settings(repo)
+    sync(settings)
+    repo.commit({"b.md": "# Второй\n\nНовый документ про резервное копирование.\n"})
+
+    pipeline = Pipeline(settings)
+    pipeline.store.collection()  # open it, then make its next add fail
+    pipeline.store._collection = FailingAdd(pipeline.store._collection)
+    with pytest.raises(ConnectionError):
+        sync(settings, pipeline=pipeline)
+    assert lexical_ids(settings) - chroma_ids(settings)  # written to one side only
+
+    result = sync(settings)
+    assert result["documents_added"] == 1
+    assert lexical_ids(settings) == chroma_ids(settings)
+    hits = retrieve(settings, "резервного копирования", k=2, mode="lexical")
+    assert hits[0].doc_id == "src0:b.md"
+
+
+def test_lost_lexical_index_is_rebuilt(make_repo, make_settings):
+    repo = make_repo(RU_DOCS)
+    settings = make_settings(repo)
+    sync(settings)
+    expected = chroma_ids(settings)
+    for suffix in ("", "-wal", "-shm"):
+        settings.lexical_path.with_name(settings.lexical_path.name + suffix).unlink(missing_ok=True)
+
+    result = sync(settings)  # nothing changed at the source; the index comes back anyway
+    assert result["chunks_embedded"] == 0
+    assert lexical_ids(settings) == expected
+
+    LexicalIndex(settings.lexical_path).clear()
+    runner = CliRunner()
+    out = runner.invoke(app, ["--data-dir", str(settings.data_dir), "reindex", "--lexical"])
+    assert out.exit_code == 0, out.output
+    assert f"{len(expected)} chunks" in out.output
+    assert lexical_ids(settings) == expected
+
+
+# ------------------------------------------------------------- modes via the CLI
+
+def test_each_mode_through_the_cli(make_repo, tmp_path):
+    repo = make_repo(RU_DOCS)
+    data = tmp_path / "cli-data"
+    runner = CliRunner()
+    assert runner.invoke(app, ["--data-dir", str(data), "sync", "--repo", str(repo.path),
+                               "--name", "docs"]).exit_code == 0
+
+    def top(question: str, mode: str) -> str:
+        out = runner.invoke(app, ["--data-dir", str(data), "query", question, "--mode", mode,
+                                  "-k", "2"])
+        assert out.exit_code == 0, out.output
+        return out.output.split("\n1.", 1)[1].splitlines()[0]
+
+    # another word form of "сборка"/"документация" than the page uses
+    assert "docs/build.md" in top("как собрать документацию", "lexical")
+    assert "docs/build.md" in top("как собрать документацию", "hybrid")
+    assert "docs/deploy.md" in top("upload the site to an S3 bucket", "dense")
+    assert "docs/deploy.md" in top("upload the site to an S3 bucket", "hybrid")
+    assert "lexical #" in top("локальный поиск без сервера", "hybrid")
+
+    bad = runner.invoke(app, ["--data-dir", str(data), "query", "x", "--mode", "fuzzy"])
+    assert bad.exit_code == 2 and "--mode must be one of" in bad.output
+
+
+def test_lexical_rows_without_chroma_chunks_are_not_returned(make_repo, make_settings):
+    repo = make_repo({"a.md": "# Alpha\n\nunique-word zebrafish appears here.\n"})
+    settings = make_settings(repo)
+    sync(settings)
+    client = chromadb.PersistentClient(path=str(settings.chroma_path))
+    col = client.get_collection("kbsync")
+    col.delete(ids=col.get()["ids"])  # Chroma lost the chunks; the lexical rows remain
+    assert retrieve(settings, "zebrafish", k=3, mode="lexical") == []
