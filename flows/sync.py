@@ -317,8 +317,10 @@ def index_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> list[Doc
     for stage, value in seconds.items():
         summary.seconds[stage] = round(summary.seconds.get(stage, 0.0) + value, 4)
     with summary.timed("write"):
+        # every document read cleanly on this page (changed or not) clears an older
+        # failure record; the failures of this page are recorded by the caller after this
         pipeline.state.clear_issues(
-            summary.source, [d.id for d, *_ in planned] + list(page.deletions))
+            summary.source, [d.id for d in documents] + list(page.deletions))
         pipeline.state.record_issues(
             summary.source, [(i.doc_id, i.kind, i.reason, i.title) for i in skipped])
 
@@ -458,8 +460,11 @@ def _run(pipeline: Pipeline, connector: SourceConnector, summary: SyncSummary, *
         logger.warning("%d document(s) failed; the cursor stays at %s", len(failed), before.cursor)
     state.finish_run(summary.source, status=summary.status, summary=summary.to_dict(),
                      cursor=final_cursor, advance_cursor=advance, reconciled=reconciled)
-    if since and not failed:
-        state.clear_checkpoint(summary.source)  # a finished backfill needs no resume point
+    if final_cursor is not None or (since and not failed):
+        # The read reached its end: nothing is left to resume. Keeping the end checkpoint
+        # after a failure would make the next run (same cursor, same request) resume
+        # *after* the failed document and never retry it.
+        state.clear_checkpoint(summary.source)
 
 
 def _publish(summary: SyncSummary) -> None:
