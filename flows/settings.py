@@ -22,9 +22,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from connectors.confluence import ConfluenceConnector, ConfluenceSourceOptions
 from connectors.git import GitConnector, GitSourceOptions
 from transforms.embedding import DEFAULT_MODEL, EmbedderSpec
 
@@ -126,8 +135,95 @@ class GitSource(_Model):
         )
 
 
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
+
+class ConfluenceSource(_Model):
+    """Confluence Cloud or Server/Data Center (``type: confluence``).
+
+    Scope: ``spaces`` and/or a ``cql`` filter (both given: both must match). Auth, one of:
+    ``email`` + ``api_token`` (Cloud), ``token`` (Server/DC personal access token),
+    ``username`` + ``password`` (Server/DC), or none for a public site.
+    """
+
+    type: Literal["confluence"] = "confluence"
+    name: str = Field(pattern=SOURCE_NAME)
+    base_url: str = Field(pattern=r"^https?://\S+$",
+                          description="https://<site>.atlassian.net/wiki or the Server URL")
+    cloud: bool | None = Field(None, description="default: true for *.atlassian.net")
+    spaces: list[Annotated[str, Field(pattern=r"^~?[A-Za-z0-9_-]+$")]] = Field(
+        default_factory=list, description="space keys")
+    cql: str | None = Field(None, description="extra CQL filter, without ORDER BY")
+    email: str | None = Field(None, description="Cloud: the account's email")
+    api_token: SecretStr | None = Field(None, description="Cloud API token, ${CONFLUENCE_TOKEN}")
+    token: SecretStr | None = Field(None, description="Server/DC personal access token")
+    username: str | None = Field(None, description="Server/DC user (with password)")
+    password: SecretStr | None = None
+    include_blogposts: bool = True
+    overlap_minutes: int = Field(30, ge=0, le=7 * 24 * 60,
+                                 description="re-read this much before the cursor")
+    timezone: str = Field("UTC", description="the account's profile time zone (CQL dates)")
+    page_size: int = Field(50, ge=2, le=1000, description="results per search request")
+    min_page_size: int = Field(5, ge=2, le=1000, description="floor when 5xx shrink pages")
+    list_page_size: int = Field(200, ge=2, le=1000, description="ids per listing request")
+    attachments: bool = Field(False, description="index text-like attachments")
+    attachment_max_bytes: int = Field(10_000_000, ge=1)
+    resolve_mentions: bool = Field(True, description="look up names of mentioned users")
+    max_retries: int = Field(5, ge=0, le=50, description="retries of one request")
+    retry_after_max_seconds: float = Field(60.0, ge=0, description="cap on Retry-After")
+    backoff_initial_seconds: float = Field(1.0, ge=0)
+    backoff_max_seconds: float = Field(30.0, ge=0)
+    timeout_seconds: float = Field(60.0, gt=0)
+    verify_ssl: bool = True
+    schedule: str | None = Field(None, description="cron for scheduled syncs")
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name, e.g. "
+                             "Europe/Berlin)") from None
+        return value
+
+    @field_validator("cql")
+    @classmethod
+    def _no_order(cls, value: str | None) -> str | None:
+        if value is not None and re.search(r"\border\s+by\b", value, re.IGNORECASE):
+            raise ValueError("leave ORDER BY out of cql (kbsync orders by lastmodified)")
+        return value.strip() if value else None
+
+    @model_validator(mode="after")
+    def _scope_and_auth(self) -> ConfluenceSource:
+        if not self.spaces and not self.cql:
+            raise ValueError("give spaces, cql or both")
+        if bool(self.email) != bool(self.api_token):
+            raise ValueError("email and api_token go together (Cloud)")
+        if bool(self.username) != bool(self.password):
+            raise ValueError("username and password go together (Server/Data Center)")
+        styles = sum([bool(self.email), bool(self.token), bool(self.username)])
+        if styles > 1:
+            raise ValueError("give one auth style: email + api_token, token, or "
+                             "username + password")
+        return self
+
+    def options(self) -> ConfluenceSourceOptions:
+        """The connector's options, secrets unwrapped."""
+        fields = self.model_dump(exclude={"type", "schedule", "api_token", "token", "password"})
+        return ConfluenceSourceOptions(**fields, api_token=_secret(self.api_token),
+                                       token=_secret(self.token), password=_secret(self.password))
+
+    def build(self, settings: Settings) -> ConfluenceConnector:
+        """The connector for this source."""
+        return ConfluenceConnector(self.options())
+
+
 #: Every source type; later source types join this union.
-SourceSettings = Annotated[GitSource, Field(discriminator="type")]
+SourceSettings = Annotated[GitSource | ConfluenceSource, Field(discriminator="type")]
 
 
 class Settings(BaseSettings):

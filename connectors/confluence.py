@@ -1,0 +1,798 @@
+"""Confluence Cloud and Server/Data Center as a source (atlassian-python-api).
+
+Every request goes through an ``atlassian.Confluence`` client (its session, auth and
+error parsing); the v1 REST resources are addressed by their documented paths
+(``rest/api/content/search``, ``rest/api/content/{id}``, ``rest/api/user``) because in
+atlassian-python-api 5.0.5 the Cloud client's ``cql()``/``search_content()`` request
+``<site>/wiki/content/search`` (no ``rest/api``), which Confluence answers with 404.
+
+**Incremental sync.** The *cursor* is ``{"when": <latest version.when seen, ISO 8601>,
+"seen": {<content id>: [<version number>, <when>]}}``. A run searches
+
+    <scope> and type in (page, blogpost[, attachment])
+            and lastmodified >= "<cursor.when - overlap, as yyyy-MM-dd HH:mm>"
+            order by lastmodified asc
+
+(https://developer.atlassian.com/server/confluence/advanced-searching-using-cql/).
+CQL dates have minute precision and are read in the *querying user's* time zone (set
+``timezone`` to the account's profile zone); the overlap (default 30 minutes) re-reads
+the edge so nothing is missed. Results of the overlap whose version is in
+``cursor.seen`` are skipped without converting them; everything else is converted and
+the flow's content hash skips what did not change.
+
+Bodies come with the search (``expand=body.storage,...``), so a page costs no request of
+its own; only a result without a body is fetched again by id. Results are paged with the
+API's own ``start``/``limit`` and ``_links.next`` and a checkpoint is written after each
+results page, so a failed run resumes where it stopped. Offset pagination is guarded:
+
+* Data Center silently caps ``limit`` when bodies are expanded and still advances
+  ``start`` in ``_links.next`` by the requested limit; the next ``start`` is computed
+  from the results really received.
+* Each following page is requested from one result earlier; if that result is not the
+  last one already read, the result set moved under us (a page edited or deleted while
+  paging) and results may have been skipped. They all sort after that result, so the
+  new cursor is held at its ``when`` and the next run reads them.
+
+**Faults.** 429 waits for ``Retry-After`` (capped at ``retry_after_max_seconds``), and
+so does Server/DC's 403 that says "rate limit"; 5xx and network errors retry with
+exponential backoff (tenacity); when a results page still fails with 5xx, the page
+size is halved down to ``min_page_size``; when retries run out the fetch raises
+:class:`TransientSourceError` (the flow retries from the last checkpoint). 400/401/404
+and other 403s on the search fail fast with a :class:`ConnectorError` saying what to
+check; on a single page's own request they fail that document, naming the page. A
+body that cannot be converted is a failed document; the cursor never moves past it.
+
+**Deletions.** :meth:`ConfluenceConnector.list_ids` lists the ids in scope by CQL
+(ids only, ordered by ``created`` so edits do not move results between pages); pages
+deleted, archived, moved out of the scope or no longer readable are missing from it.
+Any error, or a result set that moved while it was listed, makes the listing
+incomplete, and an incomplete listing deletes nothing.
+
+**Attachments** (optional): attachments in scope come from the same search; text-like
+ones (txt, md, csv, html, pdf, ...; see :mod:`transforms.attachments`) up to
+``attachment_max_bytes`` become documents of their own, linked to their page.
+
+Secrets (API token, personal access token, password) travel only in the client's
+session headers; every error message and log line is passed through
+:func:`connectors.base.redact`.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlparse
+from zoneinfo import ZoneInfo
+
+import requests
+from atlassian import Confluence
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from connectors.base import (
+    Checkpoint,
+    ConnectorError,
+    Document,
+    DocumentIssue,
+    FetchRequest,
+    Listing,
+    Page,
+    TransientSourceError,
+    redact,
+    utc,
+)
+from transforms.attachments import AttachmentTextError, attachment_kind, attachment_text
+from transforms.storage_format import mentioned_users, storage_to_markdown
+
+log = logging.getLogger(__name__)
+
+SEARCH = "rest/api/content/search"
+#: What one search request brings for each result (one request per results page).
+EXPAND = ("body.storage,version,space,ancestors,metadata.labels,history,container,"
+          "extensions")
+#: CQL's date format (minute precision), in the querying user's time zone.
+CQL_DATE = "%Y-%m-%d %H:%M"
+#: Most ``seen`` entries kept in a cursor or checkpoint (the newest win).
+MAX_SEEN = 5000
+#: Parameters of the user lookup per mention kind (``GET rest/api/user``).
+USER_PARAM = {"userkey": "key", "account-id": "accountId", "username": "username"}
+
+
+@dataclass
+class ConfluenceSourceOptions:
+    """Settings of one Confluence source (see ``flows.settings.ConfluenceSource``).
+
+    Auth is one of: ``email`` + ``api_token`` (Cloud), ``token`` (a Server/DC personal
+    access token, sent as ``Bearer``), ``username`` + ``password`` (Server/DC basic), or
+    none (anonymous read of a public site).
+    """
+
+    name: str
+    base_url: str
+    cloud: bool | None = None
+    spaces: list[str] = field(default_factory=list)
+    cql: str | None = None
+    email: str | None = None
+    api_token: str | None = None
+    token: str | None = None
+    username: str | None = None
+    password: str | None = None
+    include_blogposts: bool = True
+    overlap_minutes: int = 30
+    timezone: str = "UTC"
+    page_size: int = 50
+    min_page_size: int = 5
+    list_page_size: int = 200
+    attachments: bool = False
+    attachment_max_bytes: int = 10_000_000
+    resolve_mentions: bool = True
+    max_retries: int = 5
+    retry_after_max_seconds: float = 60.0
+    backoff_initial_seconds: float = 1.0
+    backoff_max_seconds: float = 30.0
+    timeout_seconds: float = 60.0
+    verify_ssl: bool = True
+
+    @property
+    def is_cloud(self) -> bool:
+        """``cloud`` when set, else whether the host is ``*.atlassian.net``."""
+        if self.cloud is not None:
+            return self.cloud
+        host = urlparse(self.base_url).hostname or ""
+        return host.endswith((".atlassian.net", ".jira.com"))
+
+    @property
+    def api_url(self) -> str:
+        """The site URL the REST paths hang off (Cloud sites live under ``/wiki``)."""
+        url = self.base_url.rstrip("/")
+        if self.is_cloud and not urlparse(url).path.rstrip("/"):
+            url += "/wiki"
+        return url
+
+    @property
+    def secrets(self) -> list[str | None]:
+        """Every secret value and the encodings it travels in, for :func:`redact`."""
+        out: list[str | None] = [self.api_token, self.token, self.password]
+        for user, secret in ((self.email, self.api_token), (self.username, self.password)):
+            if user and secret:
+                out.append(base64.b64encode(f"{user}:{secret}".encode()).decode())
+        return out
+
+
+# ------------------------------------------------------------------ HTTP outcomes
+
+
+class _Transient(Exception):
+    """A retryable outcome of one request."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class _Throttled(_Transient):
+    """429, or a 403/503 that says the client is rate limited."""
+
+
+class _ServerError(_Transient):
+    """5xx (or a response that is not the JSON asked for)."""
+
+
+class _NetworkError(_Transient):
+    """Connection refused/reset, timeout."""
+
+
+class _ClientError(Exception):
+    """A 4xx that retrying does not fix."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta seconds or an HTTP date,
+    RFC 9110 section 10.2.3); ``None`` when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def _is_rate_limit(response: requests.Response) -> bool:
+    """A 403/503 that is really throttling (Server/DC rate limiting and some proxies
+    answer 403 "Rate limit exceeded"; Cloud answers 429)."""
+    if response.headers.get("Retry-After"):
+        return True
+    if response.headers.get("X-RateLimit-Remaining", "").strip() == "0":
+        return True
+    text = (response.text or "")[:2000].lower()
+    return "rate limit" in text or "too many requests" in text
+
+
+def parse_when(value: Any) -> datetime | None:
+    """``version.when`` / ``createdDate`` (ISO 8601, ``Z`` or an offset) -> aware UTC."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return utc(datetime.fromisoformat(value.replace("Z", "+00:00")))
+    except ValueError:
+        return None
+
+
+def cql_date(moment: datetime, zone: str) -> str:
+    """``moment`` as a CQL date in ``zone``, floored to the minute."""
+    return utc(moment).astimezone(ZoneInfo(zone)).strftime(CQL_DATE)
+
+
+def _quote_cql(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# ---------------------------------------------------------------------- connector
+
+
+class ConfluenceConnector:
+    """Pages, blog posts and (optionally) attachments of one Confluence site.
+
+    Args:
+        options: the source's settings.
+        client: an ``atlassian.Confluence`` to use instead of building one.
+
+    Attributes:
+        stats: counters of this connector's life: ``requests``, ``retries``,
+            ``throttled``, ``waited_seconds``, ``page_size_reductions``,
+            ``skipped_seen`` (results of the overlap skipped by version),
+            ``pagination_drift`` (result sets that moved while paged).
+
+    Raises (from :meth:`fetch`):
+        ConnectorError: bad credentials, bad CQL, wrong URL, no permission.
+        TransientSourceError: throttled, 5xx or unreachable after the retries.
+    """
+
+    source_type = "confluence"
+
+    def __init__(self, options: ConfluenceSourceOptions, client: Confluence | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.options = options
+        self.name = options.name
+        self._client = client
+        self._sleep_fn = sleep
+        self._users: dict[str, str | None] = {}
+        self.stats: dict[str, float] = {
+            "requests": 0, "retries": 0, "throttled": 0, "waited_seconds": 0.0,
+            "page_size_reductions": 0, "skipped_seen": 0, "pagination_drift": 0,
+        }
+        ZoneInfo(options.timezone)  # fail early on an unknown zone
+
+    # ------------------------------------------------------------------ the client
+
+    @property
+    def client(self) -> Confluence:
+        """The ``atlassian.Confluence`` client (built on first use).
+
+        Its own Retry-After handling is off (``retry_with_header=False``) so every
+        wait is capped and counted here.
+        """
+        if self._client is None:
+            o = self.options
+            kwargs: dict[str, Any] = {
+                "cloud": o.is_cloud, "timeout": o.timeout_seconds, "verify_ssl": o.verify_ssl,
+                "retry_with_header": False, "backoff_and_retry": False,
+            }
+            if o.email and o.api_token:
+                kwargs.update(username=o.email, password=o.api_token)
+            elif o.token:
+                kwargs["token"] = o.token
+            elif o.username and o.password:
+                kwargs.update(username=o.username, password=o.password)
+            self._client = Confluence(o.api_url, **kwargs)
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _safe(self, text: str) -> str:
+        return redact(text, self.options.secrets)
+
+    def _error(self, message: str, cls: type[ConnectorError] = ConnectorError) -> ConnectorError:
+        return cls(self._safe(f"confluence source {self.name!r}: {message}"))
+
+    # -------------------------------------------------------------------- requests
+
+    def _once(self, path: str, params: dict[str, Any] | None, absolute: bool, raw: bool) -> Any:
+        """One request through the client, its outcome classified."""
+        self.stats["requests"] += 1
+        try:
+            result = self.client.get(path, params=params, absolute=absolute,
+                                     not_json_response=raw or None)
+        except requests.HTTPError as exc:
+            response = exc.response
+            status = response.status_code if response is not None else 0
+            message = self._safe(str(exc).strip()[:500] or (response.reason if response else ""))
+            retry_after = retry_after_seconds(response.headers.get("Retry-After")
+                                              if response is not None else None)
+            if status == 429 or (status in (403, 503) and response is not None
+                                 and _is_rate_limit(response)):
+                raise _Throttled(f"HTTP {status} (rate limited)", retry_after) from None
+            if status >= 500:
+                raise _ServerError(f"HTTP {status}: {message}", retry_after) from None
+            raise _ClientError(status, f"HTTP {status}: {message}") from None
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise _NetworkError(self._safe(f"{type(exc).__name__}: {exc}")) from None
+        except requests.RequestException as exc:
+            raise _ServerError(self._safe(f"{type(exc).__name__}: {exc}")) from None
+        if not raw and not isinstance(result, dict):
+            raise _ServerError(f"expected a JSON object, got {type(result).__name__}")
+        return result
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        o = self.options
+        if isinstance(exc, _Transient) and exc.retry_after is not None:
+            return min(exc.retry_after, o.retry_after_max_seconds)
+        backoff = wait_exponential_jitter(initial=o.backoff_initial_seconds,
+                                          max=o.backoff_max_seconds,
+                                          jitter=o.backoff_initial_seconds)
+        return backoff(state)
+
+    def _sleep(self, seconds: float) -> None:
+        self.stats["waited_seconds"] = round(self.stats["waited_seconds"] + seconds, 3)
+        self._sleep_fn(seconds)
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        self.stats["retries"] += 1
+        if isinstance(exc, _Throttled):
+            self.stats["throttled"] += 1
+        log.warning("confluence source %r: %s; retry %d in %.1fs", self.name, exc,
+                    state.attempt_number, state.upcoming_sleep)
+
+    def _get(self, path: str, params: dict[str, Any] | None = None, *, absolute: bool = False,
+             raw: bool = False) -> Any:
+        """GET with retries of transient outcomes (tenacity); the last outcome is raised
+        as its ``_Transient``/``_ClientError`` class."""
+        retrying = Retrying(
+            retry=retry_if_exception_type(_Transient),
+            stop=stop_after_attempt(self.options.max_retries + 1),
+            wait=self._wait, sleep=self._sleep, before_sleep=self._before_sleep, reraise=True,
+        )
+        return retrying(self._once, path, params, absolute, raw)
+
+    # -------------------------------------------------------------------------- CQL
+
+    def _types(self) -> list[str]:
+        types = ["page"]
+        if self.options.include_blogposts:
+            types.append("blogpost")
+        if self.options.attachments:
+            types.append("attachment")
+        return types
+
+    def scope_cql(self) -> str:
+        """The CQL of everything this source covers (spaces and/or the user's CQL, types)."""
+        clauses = []
+        if self.options.spaces:
+            clauses.append(f"space in ({','.join(_quote_cql(s) for s in self.options.spaces)})")
+        if self.options.cql:
+            clauses.append(f"({self.options.cql})")
+        clauses.append(f"type in ({','.join(self._types())})")
+        return " and ".join(clauses)
+
+    def changes_cql(self, request: FetchRequest) -> str:
+        """The search for a request: the scope, a ``lastmodified`` window, ordered."""
+        overlap = timedelta(minutes=self.options.overlap_minutes)
+        clauses = [self.scope_cql()]
+        zone = self.options.timezone
+        if request.is_backfill:
+            clauses.append(f'lastmodified >= "{cql_date(request.since - overlap, zone)}"')
+            if request.until:
+                end = request.until + timedelta(minutes=1)  # the minute floor of until
+                clauses.append(f'lastmodified <= "{cql_date(end, zone)}"')
+        else:
+            when = parse_when((request.cursor or {}).get("when"))
+            if when is not None:
+                clauses.append(f'lastmodified >= "{cql_date(when - overlap, zone)}"')
+        return " and ".join(clauses) + " order by lastmodified asc"
+
+    # ----------------------------------------------------------------- pagination
+
+    def _search_page(self, params: dict[str, Any], where: str) -> tuple[dict[str, Any], int]:
+        """One results page; halves ``limit`` on a persistent 5xx. Returns the response
+        and the limit that worked."""
+        # at least 2: every page after the first repeats the last result already read
+        limit = max(2, int(params.get("limit") or self.options.page_size))
+        while True:
+            try:
+                return self._get(SEARCH, {**params, "limit": limit}), limit
+            except _ServerError as exc:
+                if limit <= max(2, self.options.min_page_size):
+                    raise self._error(f"search failed at {where} after retries: {exc}",
+                                      TransientSourceError) from None
+                limit = max(self.options.min_page_size, 2, limit // 2)
+                self.stats["page_size_reductions"] += 1
+                log.warning("confluence source %r: %s at %s; page size down to %d",
+                            self.name, exc, where, limit)
+            except _Transient as exc:
+                raise self._error(f"search failed at {where} after retries: {exc}",
+                                  TransientSourceError) from None
+            except _ClientError as exc:
+                raise self._search_error(exc, where) from None
+
+    def _search_error(self, exc: _ClientError, where: str) -> ConnectorError:
+        hint = {
+            400: f"Confluence rejected the search (check `cql`): {self.scope_cql()}",
+            401: "authentication failed: check email + api_token (Cloud), token, or "
+                 "username + password (Server/Data Center)",
+            403: "permission denied: the account cannot search this site or space",
+            404: f"no search API at {self.options.api_url} (check base_url; Cloud sites "
+                 "are https://<site>.atlassian.net/wiki)",
+        }.get(exc.status, "the request was refused")
+        return self._error(f"{hint} ({exc}; at {where})")
+
+    @staticmethod
+    def _next_params(response: dict[str, Any], sent: dict[str, Any], received: int
+                     ) -> dict[str, Any] | None:
+        """Parameters of the next results page, from ``_links.next``; ``None`` at the end.
+
+        Offset links (no ``cursor`` parameter) get ``start`` recomputed from the results
+        really received (Data Center caps ``limit`` silently but advances ``start`` by
+        the limit asked for).
+        """
+        link = (response.get("_links") or {}).get("next")
+        if not link or not received:
+            return None
+        query = dict(parse_qsl(urlparse(link).query, keep_blank_values=True))
+        params = {k: v for k, v in sent.items() if k not in ("start", "cursor")}
+        params.update(query)
+        if "cursor" not in query:
+            params["start"] = int(sent.get("start") or 0) + received
+        return params
+
+    def _pages(self, params: dict[str, Any], state: dict[str, Any], where: str
+               ) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]]:
+        """Yield ``(response, new results, next params)`` page by page from ``params``.
+
+        ``state["anchor"]`` is the id of the last result already read (kept across a
+        checkpoint); offset pages are requested one result early to check it. When it
+        is not there, ``state["drift_after"]`` is set to ``state["anchor_when"]``.
+        """
+        while params is not None:
+            sent = dict(params)
+            anchor = state.get("anchor")
+            overlap = bool(anchor) and "cursor" not in sent and int(sent.get("start") or 0) > 0
+            if overlap:
+                sent["start"] = int(sent["start"]) - 1
+            response, limit = self._search_page(sent, f"{where}, start {sent.get('start', 0)}")
+            sent["limit"] = limit
+            results = [r for r in response.get("results") or [] if isinstance(r, dict)]
+            received = len(results)
+            if overlap:
+                if results and str(results[0].get("id")) == anchor:
+                    results = results[1:]
+                else:
+                    self._moved(state, where)
+            next_params = self._next_params(response, sent, received)
+            if overlap and not results:  # only the result already read: the end
+                next_params = None
+            if results:
+                last = results[-1]
+                state["anchor"] = str(last.get("id"))
+                state["anchor_when"] = (last.get("version") or {}).get("when")
+            yield response, results, next_params
+            params = next_params
+
+    def _moved(self, state: dict[str, Any], where: str) -> None:
+        """Record that the result set moved under the pagination after ``state["anchor"]``."""
+        self.stats["pagination_drift"] += 1
+        state["moved"] = True
+        anchor_when = parse_when(state.get("anchor_when"))
+        drift = parse_when(state.get("drift_after"))
+        if anchor_when is not None and (drift is None or anchor_when < drift):
+            state["drift_after"] = anchor_when.isoformat()
+        log.warning("confluence source %r: results moved while paging (%s) after id %s",
+                    self.name, where, state.get("anchor"))
+
+    # ----------------------------------------------------------------------- fetch
+
+    def fetch(self, request: FetchRequest, checkpoint: Checkpoint | None = None) -> Iterator[Page]:
+        """Yield the pages, blog posts and attachments that changed, one results page
+        of the search at a time (see the module docstring).
+
+        The checkpoint is ``{"params": <next search parameters>, "when": <latest
+        version.when so far>, "seen": {...}, "anchor": <last id read>, "anchor_when",
+        "drift_after"}``; the last page's ``cursor`` is ``{"when", "seen"}``.
+        """
+        incremental = not request.is_backfill and request.cursor is not None
+        known: dict[str, Any] = ((request.cursor or {}).get("seen") or {}) if incremental else {}
+        if checkpoint and checkpoint.get("params"):
+            state = {k: checkpoint.get(k) for k in ("when", "anchor", "anchor_when",
+                                                    "drift_after")}
+            state["seen"] = dict(checkpoint.get("seen") or {})
+            params = dict(checkpoint["params"])
+        else:
+            state = {"when": (request.cursor or {}).get("when") if incremental else None,
+                     "seen": dict(known), "anchor": None, "anchor_when": None,
+                     "drift_after": None}
+            params = {"cql": self.changes_cql(request), "expand": EXPAND,
+                      "limit": self.options.page_size, "start": 0}
+        where = "search of changes"
+        emitted = False
+        for response, results, next_params in self._pages(params, state, where):
+            page = Page()
+            base = str((response.get("_links") or {}).get("base") or self.options.api_url)
+            self._resolve_mentions(results)
+            for item in results:
+                cid = str(item.get("id"))
+                version = (item.get("version") or {}).get("number")
+                when = (item.get("version") or {}).get("when")
+                prior = known.get(cid)
+                if prior and version is not None and prior[0] == version:
+                    self.stats["skipped_seen"] += 1
+                    self._remember(state, cid, version, when)
+                    continue
+                result = self._convert(item, base)
+                if isinstance(result, Document):
+                    page.documents.append(result)
+                elif result is not None:
+                    page.issues.append(result)
+                if result is None or isinstance(result, Document) or result.kind == "skipped":
+                    self._remember(state, cid, version, when)
+            page.checkpoint = {"params": next_params, **self._state_out(state)}
+            if next_params is None:
+                page.cursor = self._cursor(state, request)
+            emitted = True
+            yield page
+        if not emitted:  # resumed after the last page
+            yield Page(checkpoint={"params": None, **self._state_out(state)},
+                       cursor=self._cursor(state, request))
+
+    def _remember(self, state: dict[str, Any], cid: str, version: Any, when: Any) -> None:
+        moment = parse_when(when)
+        if moment is None or version is None:
+            return
+        latest = parse_when(state.get("when"))
+        if latest is None or moment > latest:
+            state["when"] = moment.isoformat()
+        state["seen"][cid] = [version, moment.isoformat()]
+
+    def _state_out(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The state for a checkpoint: ``seen`` pruned to the overlap window."""
+        latest = parse_when(state.get("when"))
+        seen = state["seen"]
+        if latest is not None:
+            floor = latest - timedelta(minutes=self.options.overlap_minutes)
+            floor_drift = parse_when(state.get("drift_after"))
+            if floor_drift is not None:
+                floor = min(floor, floor_drift - timedelta(minutes=self.options.overlap_minutes))
+            seen = {k: v for k, v in seen.items() if (parse_when(v[1]) or latest) >= floor}
+        if len(seen) > MAX_SEEN:
+            seen = dict(sorted(seen.items(), key=lambda kv: kv[1][1])[-MAX_SEEN:])
+        state["seen"] = seen
+        return {"when": state.get("when"), "seen": seen, "anchor": state.get("anchor"),
+                "anchor_when": state.get("anchor_when"), "drift_after": state.get("drift_after")}
+
+    def _cursor(self, state: dict[str, Any], request: FetchRequest) -> dict[str, Any]:
+        """The cursor after a complete read: the latest ``when`` (held back to where
+        results moved while paging, if they did) and the versions seen near it."""
+        when = state.get("when")
+        drift = parse_when(state.get("drift_after"))
+        if drift is not None and (parse_when(when) is None or drift < parse_when(when)):
+            when = drift.isoformat()
+        if when is None and request.cursor and not request.is_backfill:
+            return dict(request.cursor)
+        return {"when": when, "seen": self._state_out(state)["seen"]}
+
+    # ------------------------------------------------------------------- documents
+
+    def _resolve_mentions(self, results: list[dict[str, Any]]) -> None:
+        """Look up the display names of users mentioned on these results (cached)."""
+        if not self.options.resolve_mentions:
+            return
+        wanted: set[tuple[str, str]] = set()
+        for item in results:
+            body = ((item.get("body") or {}).get("storage") or {}).get("value")
+            if isinstance(body, str):
+                wanted |= {m for m in mentioned_users(body) if m[1] not in self._users}
+        for kind, uid in sorted(wanted):
+            try:
+                user = self._get("rest/api/user", {USER_PARAM[kind]: uid})
+            except (_Transient, _ClientError) as exc:
+                if isinstance(exc, _ClientError):  # unknown or hidden user: ask once
+                    self._users[uid] = None
+                log.info("confluence source %r: user %s not resolved (%s)", self.name, uid, exc)
+                continue
+            name = user.get("displayName") or user.get("publicName") or user.get("username")
+            self._users[uid] = str(name) if name else None
+
+    def _page_url(self, item: dict[str, Any], base: str) -> str:
+        links = item.get("_links") or {}
+        webui = links.get("webui") or links.get("tinyui") or ""
+        if webui.startswith(("http://", "https://")):
+            return webui
+        return base.rstrip("/") + "/" + webui.lstrip("/") if webui else base
+
+    def _convert(self, item: dict[str, Any], base: str) -> Document | DocumentIssue | None:
+        """One search result -> a document, a skipped/failed issue, or ``None`` (an
+        attachment that is not text-like)."""
+        kind = item.get("type")
+        cid = str(item.get("id"))
+        doc_id = f"{self.name}:{cid}"
+        title = str(item.get("title") or cid)
+        if kind == "attachment":
+            return self._attachment(item, base) if self.options.attachments else None
+        version = item.get("version") or {}
+        updated = parse_when(version.get("when"))
+        if updated is None:
+            return DocumentIssue(doc_id, f"malformed result: no version.when ({title!r}, "
+                                 f"id {cid})", "failed", title)
+        storage = (item.get("body") or {}).get("storage")
+        if not isinstance(storage, dict) or "value" not in storage:
+            try:
+                fetched = self._get(f"rest/api/content/{quote(cid)}", {"expand": EXPAND})
+            except _Transient as exc:
+                return DocumentIssue(doc_id, f"fetching page {title!r} (id {cid}) failed: {exc}",
+                                     "failed", title)
+            except _ClientError as exc:
+                return DocumentIssue(doc_id, f"fetching page {title!r} (id {cid}) refused: "
+                                     f"{exc}", "failed", title)
+            storage = (fetched.get("body") or {}).get("storage")
+            item = {**item, **{k: v for k, v in fetched.items() if k != "_links"}}
+        value = storage.get("value") if isinstance(storage, dict) else None
+        users = {k: v for k, v in self._users.items() if v}
+        try:
+            if not isinstance(value, str):
+                raise ValueError(f"body.storage.value is {type(value).__name__}, not text")
+            text = storage_to_markdown(value, users=users)
+        except Exception as exc:  # noqa: BLE001 - any conversion error fails this page only
+            return DocumentIssue(doc_id, self._safe(
+                f"malformed body of page {title!r} (id {cid}): {type(exc).__name__}: {exc}"),
+                "failed", title)
+        if not text.strip():
+            return DocumentIssue(doc_id, "no text (the body holds only macros such as "
+                                 "children or attachments)", "skipped", title)
+        return Document(
+            id=doc_id, source=self.name, source_type=self.source_type, title=title, text=text,
+            url=self._page_url(item, base), updated_at=updated, format="markdown",
+            metadata=self._metadata(item, cid, version, updated),
+        )
+
+    @staticmethod
+    def _metadata(item: dict[str, Any], cid: str, version: dict[str, Any],
+                  updated: datetime) -> dict[str, Any]:
+        space = item.get("space") or {}
+        history = item.get("history") or {}
+        ancestors = [a.get("title") for a in item.get("ancestors") or []
+                     if isinstance(a, dict) and a.get("title")]
+        labels = sorted({str(lab.get("name")) for lab in
+                         ((item.get("metadata") or {}).get("labels") or {}).get("results") or []
+                         if isinstance(lab, dict) and lab.get("name")})
+
+        def person(user: Any) -> str | None:
+            if not isinstance(user, dict):
+                return None
+            return user.get("displayName") or user.get("publicName") or user.get("username")
+
+        return {
+            "space_key": space.get("key"),
+            "space_name": space.get("name"),
+            "page_id": cid,
+            "content_type": item.get("type") or "page",
+            "breadcrumb": " > ".join(ancestors) if ancestors else None,
+            "labels": labels or None,
+            "author": person(history.get("createdBy")),
+            "last_modifier": person(version.get("by")),
+            "version": version.get("number"),
+            "created": parse_when(history.get("createdDate")),
+            "updated": updated,
+        }
+
+    def _attachment(self, item: dict[str, Any], base: str) -> Document | DocumentIssue | None:
+        cid = str(item.get("id"))
+        doc_id = f"{self.name}:{cid}"
+        filename = str(item.get("title") or cid)
+        extensions = item.get("extensions") or {}
+        media_type = extensions.get("mediaType") or (item.get("metadata") or {}).get("mediaType")
+        if attachment_kind(filename, media_type) is None:
+            return None
+        container = item.get("container") or {}
+        page_id, page_title = str(container.get("id") or ""), str(container.get("title") or "")
+        title = f"{page_title} / {filename}" if page_title else filename
+        where = f"attachment {filename!r} of page {page_title!r} (id {page_id or '?'})"
+        version = item.get("version") or {}
+        updated = parse_when(version.get("when"))
+        size = extensions.get("fileSize")
+        if isinstance(size, int | float) and size > self.options.attachment_max_bytes:
+            return DocumentIssue(doc_id, f"over the size limit ({int(size)} bytes > "
+                                 f"{self.options.attachment_max_bytes})", "skipped", title)
+        if updated is None:
+            return DocumentIssue(doc_id, f"malformed result for {where}: no version.when",
+                                 "failed", title)
+        link = (item.get("_links") or {}).get("download")
+        if not link and page_id:
+            link = f"/download/attachments/{page_id}/{quote(filename)}"
+        if not link:
+            return DocumentIssue(doc_id, f"no download link for {where}", "failed", title)
+        url = link if link.startswith(("http://", "https://")) else \
+            self.options.api_url.rstrip("/") + "/" + link.lstrip("/")
+        try:
+            data = self._get(url, absolute=True, raw=True)
+        except _ClientError as exc:
+            kind = "skipped" if exc.status == 404 else "failed"
+            return DocumentIssue(doc_id, f"downloading {where}: {exc}", kind, title)
+        except _Transient as exc:
+            return DocumentIssue(doc_id, f"downloading {where} failed: {exc}", "failed", title)
+        if len(data) > self.options.attachment_max_bytes:
+            return DocumentIssue(doc_id, f"over the size limit ({len(data)} bytes > "
+                                 f"{self.options.attachment_max_bytes})", "skipped", title)
+        try:
+            text, fmt = attachment_text(filename, data, media_type)
+        except AttachmentTextError as exc:
+            return DocumentIssue(doc_id, f"{where}: {exc}", "skipped", title)
+        if not text.strip():
+            return DocumentIssue(doc_id, f"{where}: no text", "skipped", title)
+        space = item.get("space") or {}
+        return Document(
+            id=doc_id, source=self.name, source_type=self.source_type, title=title, text=text,
+            url=self._page_url(item, base), updated_at=updated, format=fmt,
+            metadata={
+                "space_key": space.get("key"), "space_name": space.get("name"),
+                "page_id": page_id or None, "page_title": page_title or None,
+                "attachment_id": cid, "content_type": "attachment", "filename": filename,
+                "media_type": media_type, "file_size": size if isinstance(size, int) else len(data),
+                "breadcrumb": page_title or None,
+                "last_modifier": ((version.get("by") or {}).get("displayName")),
+                "version": version.get("number"), "updated": updated,
+            },
+        )
+
+    # ----------------------------------------------------------------------- list
+
+    def list_ids(self) -> Listing:
+        """Every content id in scope now (ids only), by CQL ordered by ``created``.
+
+        Incomplete (``complete=False``, nothing deleted) on any error, or when the result
+        set moved while it was listed (a page deleted or moved out between two requests
+        shifts later results to an earlier offset, where the next request would miss one).
+        """
+        params: dict[str, Any] = {"cql": self.scope_cql() + " order by created asc",
+                                  "limit": self.options.list_page_size, "start": 0}
+        state: dict[str, Any] = {"anchor": None, "anchor_when": None, "drift_after": None}
+        ids: set[str] = set()
+        try:
+            for _, results, _ in self._pages(params, state, "listing of ids"):
+                if state.get("moved"):
+                    return Listing(frozenset(), complete=False,
+                                   reason="the result set moved while it was listed")
+                ids.update(f"{self.name}:{r.get('id')}" for r in results if r.get("id"))
+        except ConnectorError as exc:
+            return Listing(frozenset(), complete=False, reason=self._safe(str(exc)))
+        except Exception as exc:  # noqa: BLE001 - any failure means: do not delete
+            return Listing(frozenset(), complete=False,
+                           reason=self._safe(f"{type(exc).__name__}: {exc}"))
+        return Listing(frozenset(ids), complete=True)
