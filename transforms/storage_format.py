@@ -357,6 +357,8 @@ def _macro(node: Tag, ctx: _Ctx, depth: int) -> tuple[str, list[str] | str]:
         label, title = ADMONITIONS[name], params.get("title", "")
         head = " ".join(p for p in (f"**{label}:**" if label else "",
                                     f"**{title}**" if title and not label else title) if p)
+        if head and not title and body and not re.match(r"[#|`>\-*\d]", body[0]):
+            body[0], head = f"{head} {body[0]}", ""  # "**Note:** first paragraph"
         return "block", _quote(([head] if head else []) + body)
     if name == "expand":
         body = _container(rich, ctx, depth + 1) if rich else []
