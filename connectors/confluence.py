@@ -171,6 +171,30 @@ class ConfluenceSourceOptions:
         return out
 
 
+class _RedactFilter(logging.Filter):
+    """Redacts known secrets in records of the client library's loggers (it logs whole
+    response bodies at DEBUG, and an error page may echo request headers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            message = record.getMessage()
+            cleaned = redact(message, sorted(self.secrets, key=len, reverse=True))
+            if cleaned != message:
+                record.msg, record.args = cleaned, None
+        return True
+
+
+_LIBRARY_LOG_FILTER = _RedactFilter()
+for _name in ("atlassian", "atlassian.rest_client", "atlassian.confluence",
+              "atlassian.confluence.base", "atlassian.confluence.server",
+              "atlassian.confluence.cloud", "atlassian.confluence_base"):
+    logging.getLogger(_name).addFilter(_LIBRARY_LOG_FILTER)
+
+
 # ------------------------------------------------------------------ HTTP outcomes
 
 
@@ -309,6 +333,7 @@ class ConfluenceConnector:
                 kwargs["token"] = o.token
             elif o.username and o.password:
                 kwargs.update(username=o.username, password=o.password)
+            _LIBRARY_LOG_FILTER.secrets.update(s for s in o.secrets if s)
             self._client = Confluence(o.api_url, **kwargs)
         return self._client
 
@@ -549,13 +574,20 @@ class ConfluenceConnector:
             self._resolve_mentions(results)
             for item in results:
                 cid = str(item.get("id"))
+                if item.get("type") == "attachment" and not self.options.attachments:
+                    continue
+                if self._skip_known(item, known, state):
+                    continue
+                if item.get("type") != "attachment" and self._incomplete(item):
+                    completed = self._complete(item)
+                    if isinstance(completed, DocumentIssue):
+                        page.issues.append(completed)
+                        continue
+                    item = completed
+                    if self._skip_known(item, known, state):
+                        continue
                 version = (item.get("version") or {}).get("number")
                 when = (item.get("version") or {}).get("when")
-                prior = known.get(cid)
-                if prior and version is not None and prior[0] == version:
-                    self.stats["skipped_seen"] += 1
-                    self._remember(state, cid, version, when)
-                    continue
                 result = self._convert(item, base)
                 if isinstance(result, Document):
                     page.documents.append(result)
@@ -610,6 +642,43 @@ class ConfluenceConnector:
 
     # ------------------------------------------------------------------- documents
 
+    def _skip_known(self, item: dict[str, Any], known: dict[str, Any],
+                    state: dict[str, Any]) -> bool:
+        """Whether ``item`` is at the version the cursor already saw (then remembered)."""
+        cid = str(item.get("id"))
+        version = (item.get("version") or {}).get("number")
+        prior = known.get(cid)
+        if not prior or version is None or prior[0] != version:
+            return False
+        self.stats["skipped_seen"] += 1
+        self._remember(state, cid, version, (item.get("version") or {}).get("when"))
+        return True
+
+    @staticmethod
+    def _incomplete(item: dict[str, Any]) -> bool:
+        """A search result without its body or version (not expanded, or dropped)."""
+        storage = (item.get("body") or {}).get("storage")
+        return not (isinstance(storage, dict) and "value" in storage) or \
+            not (item.get("version") or {}).get("when")
+
+    def _complete(self, item: dict[str, Any]) -> dict[str, Any] | DocumentIssue:
+        """Fetch a page by id (``GET rest/api/content/{id}``) when its search result
+        lacks the body or version; 4xx fails this page only, naming it."""
+        cid = str(item.get("id"))
+        title = str(item.get("title") or cid)
+        doc_id = f"{self.name}:{cid}"
+        try:
+            fetched = self._get(f"rest/api/content/{quote(cid)}", {"expand": EXPAND})
+        except _Transient as exc:
+            return DocumentIssue(doc_id, f"fetching page {title!r} (id {cid}) failed: {exc}",
+                                 "failed", title)
+        except _ClientError as exc:
+            return DocumentIssue(doc_id, f"fetching page {title!r} (id {cid}) refused: {exc}",
+                                 "failed", title)
+        self._resolve_mentions([fetched])
+        # the search result's links are relative to its envelope's base: keep them
+        return {**item, **{k: v for k, v in fetched.items() if k != "_links" and v}}
+
     def _resolve_mentions(self, results: list[dict[str, Any]]) -> None:
         """Look up the display names of users mentioned on these results (cached)."""
         if not self.options.resolve_mentions:
@@ -652,17 +721,6 @@ class ConfluenceConnector:
             return DocumentIssue(doc_id, f"malformed result: no version.when ({title!r}, "
                                  f"id {cid})", "failed", title)
         storage = (item.get("body") or {}).get("storage")
-        if not isinstance(storage, dict) or "value" not in storage:
-            try:
-                fetched = self._get(f"rest/api/content/{quote(cid)}", {"expand": EXPAND})
-            except _Transient as exc:
-                return DocumentIssue(doc_id, f"fetching page {title!r} (id {cid}) failed: {exc}",
-                                     "failed", title)
-            except _ClientError as exc:
-                return DocumentIssue(doc_id, f"fetching page {title!r} (id {cid}) refused: "
-                                     f"{exc}", "failed", title)
-            storage = (fetched.get("body") or {}).get("storage")
-            item = {**item, **{k: v for k, v in fetched.items() if k != "_links"}}
         value = storage.get("value") if isinstance(storage, dict) else None
         users = {k: v for k, v in self._users.items() if v}
         try:

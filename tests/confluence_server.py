@@ -71,6 +71,7 @@ class Fault:
     headers: dict[str, str]
     body: str
     path: str
+    match: Callable[[dict[str, str]], bool] | None = None
 
 
 class FakeConfluence:
@@ -135,12 +136,14 @@ class FakeConfluence:
         del self.contents[str(id)]
 
     def fail(self, status: int, times: int = 1, *, headers: dict[str, str] | None = None,
-             body: str | dict | None = None, path: str = "/rest/api/content/search") -> None:
-        """The next ``times`` requests to ``path`` get ``status``."""
+             body: str | dict | None = None, path: str = "/rest/api/content/search",
+             match: Callable[[dict[str, str]], bool] | None = None) -> None:
+        """The next ``times`` requests to ``path`` (whose query ``match`` accepts) get
+        ``status``."""
         text = body if isinstance(body, str) else json.dumps(
             body or {"statusCode": status, "message": f"fault {status}"})
         for _ in range(times):
-            self.faults.append(Fault(status, headers or {}, text, path))
+            self.faults.append(Fault(status, headers or {}, text, path, match))
 
     def searches(self) -> list[dict[str, str]]:
         """The query parameters of every search request so far."""
@@ -175,7 +178,8 @@ class FakeConfluence:
             return self._json({"statusCode": 401, "message": "Basic authentication with "
                                "passwords is deprecated or credentials are wrong"}, 401)
         with self._lock:
-            fault = next((f for f in self.faults if path.startswith(f.path)), None)
+            fault = next((f for f in self.faults if path.startswith(f.path)
+                          and (f.match is None or f.match(args))), None)
             if fault is not None:
                 self.faults.remove(fault)
         if fault is not None:
@@ -307,6 +311,8 @@ class FakeConfluence:
                        "tinyui": f"/x/{c.id}", "self": f"{base}/rest/api/content/{c.id}"},
             "_expandable": {},
         }
+        if c.type != "attachment":
+            out["extensions"] = {"position": "none"}
         if c.type == "attachment":
             page = self.contents.get(c.container or "")
             out["_links"]["webui"] = (f"/pages/viewpage.action?pageId={c.container}"
