@@ -11,7 +11,12 @@ repository and measures, through the real Prefect flow into an embedded Chroma:
 * re-sync after editing 1% of the files (one sentence changed in the middle of each):
   wall seconds and chunks embedded, against the chunks whose ids really changed.
 
+``--corpus confluence`` measures the same through the Confluence connector instead: the 450
+Apache wiki pages (real storage format) served by a local Confluence REST stand-in
+(``corpus_confluence.py``); ``--files`` then counts pages.
+
     .venv/bin/python benchmarks/ingest.py --files 300
+    .venv/bin/python benchmarks/ingest.py --corpus confluence
 """
 
 from __future__ import annotations
@@ -47,7 +52,10 @@ def edit_middle_sentence(text: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--files", type=int, default=300, help="how many Markdown files")
+    parser.add_argument("--corpus", choices=["aws", "confluence"], default="aws",
+                        help="AWS docs in a git repo, or Apache wiki pages from Confluence")
+    parser.add_argument("--files", type=int, default=None,
+                        help="how many Markdown files / pages (default 300 / all 450)")
     parser.add_argument("--realdata", type=Path, default=DEFAULT_REALDATA)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", type=Path, default=None, help="JSON output path")
@@ -55,21 +63,31 @@ def main() -> None:
     args = parser.parse_args()
 
     from connectors.chroma import ChromaStore
-    from transforms.embedding import EmbedderSpec, load_embedder
+    from transforms.embedding import load_embedder
 
     work = Path(tempfile.mkdtemp(prefix="kbsync-bench-ingest-"))
+    wiki = None
     try:
-        files = pick(corpus_files(aws_corpus(args.realdata, work / "corpus")), args.files)
-        repo = commit_repo(files, work / "repo")
-        settings = settings_for(work / "repo", work / "data",
-                                embedding={"batch_size": args.batch_size})
+        if args.corpus == "confluence":
+            from corpus_confluence import ConfluenceCorpus
+
+            wiki = ConfluenceCorpus(args.realdata, args.files)
+            settings = wiki.settings(work / "data", embedding={"batch_size": args.batch_size})
+            source, files, label = wiki.source, wiki.pages, "Apache wiki pages via Confluence"
+        else:
+            files = pick(corpus_files(aws_corpus(args.realdata, work / "corpus")),
+                         args.files or 300)
+            repo = commit_repo(files, work / "repo")
+            settings = settings_for(work / "repo", work / "data",
+                                    embedding={"batch_size": args.batch_size})
+            source, label = "aws", "AWS docs"
 
         prefect_start = warm_up_prefect()
         t0 = time.perf_counter()
         embedder = load_embedder(settings.embedding.spec())
         model_load = time.perf_counter() - t0
 
-        full, full_s = run_flow(settings, "aws")
+        full, full_s = run_flow(settings, source)
         chunks = full["chunks_embedded"]
 
         store = ChromaStore(path=settings.chroma_path)
@@ -80,24 +98,29 @@ def main() -> None:
                               convert_to_numpy=True, show_progress_bar=False)
         ceiling_s = time.perf_counter() - t0
 
-        noop, noop_s = run_flow(settings, "aws")
+        noop, noop_s = run_flow(settings, source)
 
         # edit 1% of the files (at least one)
         n_edit = max(1, len(files) // 100)
-        edited = sorted(files)[:: max(1, len(files) // n_edit)][:n_edit]
         before = {cid for cid in stored["ids"]}
-        for rel in edited:
-            p = work / "repo" / rel
-            p.write_text(edit_middle_sentence(p.read_text(encoding="utf-8")), encoding="utf-8")
-        repo.git.add("-A")
-        repo.index.commit("edit 1%")
-        edit, edit_s = run_flow(settings, "aws")
+        if wiki is not None:
+            edited = wiki.edit(n_edit)
+        else:
+            edited = sorted(files)[:: max(1, len(files) // n_edit)][:n_edit]
+            for rel in edited:
+                p = work / "repo" / rel
+                p.write_text(edit_middle_sentence(p.read_text(encoding="utf-8")),
+                             encoding="utf-8")
+            repo.git.add("-A")
+            repo.index.commit("edit 1%")
+        edit, edit_s = run_flow(settings, source)
         after = set(store.collection(create=False).get(include=[])["ids"])
         really_new = len(after - before)
 
         pipeline_cps = chunks / full_s
         ceiling_cps = len(texts) / ceiling_s
         result = {
+            "corpus": args.corpus,
             "files": len(files),
             "documents_indexed": full["documents_added"],
             "chunks": chunks,
@@ -120,7 +143,7 @@ def main() -> None:
             "edit_chunks_with_new_ids": really_new,
             "edit_documents_updated": edit["documents_updated"],
         }
-        print_table(f"ingest benchmark ({len(files)} AWS docs, {embedder.device})", [
+        print_table(f"ingest benchmark ({len(files)} {label}, {embedder.device})", [
             ("documents / chunks", f"{result['documents_indexed']} / {chunks}"),
             ("full sync (s)", full_s),
             ("pipeline chunks/s", pipeline_cps),
@@ -131,8 +154,11 @@ def main() -> None:
             (f"1% edit: {len(edited)} files re-sync (s)", edit_s),
             ("1% edit: chunks embedded / chunks with new ids", f"{edit['chunks_embedded']} / {really_new}"),
         ])
-        print(f"JSON: {write_json('ingest', result, args.out)}")
+        name = "ingest" if args.corpus == "aws" else f"ingest_{args.corpus}"
+        print(f"JSON: {write_json(name, result, args.out)}")
     finally:
+        if wiki is not None:
+            wiki.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         else:
