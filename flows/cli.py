@@ -250,7 +250,9 @@ def status() -> None:
     configured = {s.name: s.type for s in settings.sources}
     for n in names:
         st = state.get(n)
-        cursor = ", ".join(f"{k}={v}" for k, v in (st.cursor or {}).items()) or "none"
+        cursor = ", ".join(  # collections (Confluence's versions seen) as their size
+            f"{k}={v}" if not isinstance(v, dict | list) else f"{k}=<{len(v)} entries>"
+            for k, v in (st.cursor or {}).items()) or "none"
         success = (st.last_success_at.strftime("%Y-%m-%d %H:%M:%S UTC")
                    if st.last_success_at else "never")
         console.print(f"\n[bold cyan]{n}[/] ({configured.get(n, 'not configured')})",

@@ -430,10 +430,10 @@ def test_real_search_envelopes_and_content_bodies(httpserver):
     assert pages[-1].cursor["when"] is not None
 
 
+@pytest.mark.realdata
+@pytest.mark.skipif(not PERCEVAL.is_dir(), reason=f"shared real data not found at {PERCEVAL}")
 def test_fake_server_speaks_the_real_shapes(fake):
     """Every key of the real envelopes is in the stand-in's answers too."""
-    if not PERCEVAL.is_dir():
-        pytest.skip(f"shared real data not found at {PERCEVAL}")
     real_page = json.loads((PERCEVAL / "confluence_content_1_v2.json").read_text())
     real_search = json.loads((PERCEVAL / "confluence_contents.json").read_text())
     content = fake.add("1", "T", labels=["x"])
