@@ -63,7 +63,7 @@ import base64
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -299,12 +299,10 @@ class ConfluenceConnector:
 
     source_type = "confluence"
 
-    def __init__(self, options: ConfluenceSourceOptions, client: Confluence | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, options: ConfluenceSourceOptions, client: Confluence | None = None) -> None:
         self.options = options
         self.name = options.name
         self._client = client
-        self._sleep_fn = sleep
         self._users: dict[str, str | None] = {}
         self.stats: dict[str, float] = {
             "requests": 0, "retries": 0, "throttled": 0, "waited_seconds": 0.0,
@@ -359,7 +357,8 @@ class ConfluenceConnector:
         except requests.HTTPError as exc:
             response = exc.response
             status = response.status_code if response is not None else 0
-            message = self._safe(str(exc).strip()[:500] or (response.reason if response else ""))
+            message = self._safe(str(exc).strip()[:500]
+                                 or (response.reason if response is not None else ""))
             retry_after = retry_after_seconds(response.headers.get("Retry-After")
                                               if response is not None else None)
             if status == 429 or (status in (403, 503) and response is not None
@@ -388,7 +387,7 @@ class ConfluenceConnector:
 
     def _sleep(self, seconds: float) -> None:
         self.stats["waited_seconds"] = round(self.stats["waited_seconds"] + seconds, 3)
-        self._sleep_fn(seconds)
+        time.sleep(seconds)
 
     def _before_sleep(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -437,7 +436,7 @@ class ConfluenceConnector:
         if request.is_backfill:
             clauses.append(f'lastmodified >= "{cql_date(request.since - overlap, zone)}"')
             if request.until:
-                end = request.until + timedelta(minutes=1)  # the minute floor of until
+                end = request.until + timedelta(minutes=1)  # until's own minute included
                 clauses.append(f'lastmodified <= "{cql_date(end, zone)}"')
         else:
             when = parse_when((request.cursor or {}).get("when"))
@@ -555,11 +554,11 @@ class ConfluenceConnector:
         """
         incremental = not request.is_backfill and request.cursor is not None
         known: dict[str, Any] = ((request.cursor or {}).get("seen") or {}) if incremental else {}
-        if checkpoint and checkpoint.get("params"):
+        if checkpoint and "params" in checkpoint:  # params None: resumed after the last page
             state = {k: checkpoint.get(k) for k in ("when", "anchor", "anchor_when",
                                                     "drift_after")}
             state["seen"] = dict(checkpoint.get("seen") or {})
-            params = dict(checkpoint["params"])
+            params = dict(checkpoint["params"]) if checkpoint["params"] else None
         else:
             state = {"when": (request.cursor or {}).get("when") if incremental else None,
                      "seen": dict(known), "anchor": None, "anchor_when": None,

@@ -107,6 +107,22 @@ def test_pagination_across_several_pages_with_a_checkpoint_each(fake):
     assert resumed[-1].cursor == pages[-1].cursor
 
 
+def test_backfill_window_and_resuming_after_the_last_page(fake):
+    add_pages(fake, 5)  # 00:00 .. 04:00
+    connector = ConfluenceConnector(options(fake, overlap_minutes=0))
+    request = FetchRequest(since=EPOCH + timedelta(hours=1), until=EPOCH + timedelta(hours=3))
+    pages = read(connector, request)
+    assert sorted(docs(pages)) == ["wiki:101", "wiki:102", "wiki:103"]
+    cql = fake.searches()[-1]["cql"]
+    assert 'lastmodified >= "2024-01-01 01:00"' in cql
+    assert 'lastmodified <= "2024-01-01 03:01"' in cql  # until's own minute included
+
+    searches = len(fake.searches())
+    resumed = read(connector, request, checkpoint=pages[-1].checkpoint)
+    assert docs(resumed) == {} and resumed[-1].cursor == pages[-1].cursor
+    assert len(fake.searches()) == searches  # nothing left to ask for
+
+
 def test_data_center_silent_limit_cap_does_not_skip_results(httpserver):
     fake = FakeConfluence(httpserver, max_limit=2)  # serves 2, links advance by 5
     ids = add_pages(fake, 7)
