@@ -55,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from connectors.chroma import ChromaStore
-    from transforms.embedding import EmbedderSpec, load_embedder
+    from transforms.embedding import load_embedder
 
     work = Path(tempfile.mkdtemp(prefix="kbsync-bench-ingest-"))
     try:

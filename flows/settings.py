@@ -85,6 +85,13 @@ class RetrievalSettings(_Model):
     rrf_k: int = Field(60, ge=1, description="reciprocal-rank fusion constant")
     dense_weight: float = Field(1.0, ge=0)
     lexical_weight: float = Field(1.0, ge=0)
+    adaptive_dense_weight: bool = Field(
+        True, description="scale dense_weight down for queries the model's tokenizer "
+                          "shreds (tokens per word above fertility_full)")
+    fertility_full: float = Field(3.0, gt=0, description="tokens/word up to which dense "
+                                                         "counts fully")
+    fertility_zero: float = Field(3.8, gt=0, description="tokens/word from which dense "
+                                                         "counts nothing")
 
 
 class SyncSettings(_Model):
