@@ -6,7 +6,8 @@ python-gitlab's ``obj.asdict()`` returns) and does no I/O:
 * an issue or merge request becomes one Markdown document: a title heading, a short
   facts block (state, author, labels, milestone, assignees; for merge requests also
   the branches and ``merged_at``), the description, then every discussion in order,
-  each note with its author and date. *System notes* ("changed milestone to %2",
+  each note with its author and date. ``updated_at`` is left out of the text (it is in
+  the metadata): a new note then changes only the chunks at the end. *System notes* ("changed milestone to %2",
   "closed", "mentioned in commit ...") are dropped: they are GitLab's own activity log,
   not knowledge, and they change on every label edit.
 * internal notes (``internal: true``, formerly ``confidential``) are dropped unless the
@@ -153,7 +154,6 @@ def _common_facts(item: Mapping[str, Any], project: str, what: str) -> list[tupl
         ("State", str(item.get("state") or "")),
         ("Author", person(item.get("author"))),
         ("Created", format_time(item.get("created_at"))),
-        ("Updated", format_time(item.get("updated_at"))),
         ("Closed", format_time(item.get("closed_at"))),
         ("Labels", ", ".join(label_names(item.get("labels")))),
         ("Milestone", str(milestone.get("title") or "")),
