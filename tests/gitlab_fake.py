@@ -26,6 +26,7 @@ import copy
 import json
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -75,6 +76,8 @@ class Fault:
     times: int | None = 1
     headers: dict[str, str] = field(default_factory=dict)
     body: Any = None
+    #: only requests whose query has these parameters
+    query: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,6 +86,7 @@ class Recorded:
     path: str
     args: dict[str, str]
     status: int = 0
+    at: float = field(default_factory=time.time)  # wall clock when it arrived
 
 
 class GitLabFake:
@@ -185,10 +189,13 @@ class GitLabFake:
         self.discussions.pop((pid, part, iid), None)
 
     def fail(self, pattern: str, status: int, times: int | None = 1,
-             headers: dict[str, str] | None = None, body: Any = None) -> Fault:
-        """Answer requests whose path matches the regex ``pattern`` with ``status``."""
+             headers: dict[str, str] | None = None, body: Any = None,
+             query: dict[str, str] | None = None) -> Fault:
+        """Answer requests whose path matches the regex ``pattern`` (and whose query has
+        the ``query`` parameters) with ``status``."""
         fault = Fault(re.compile(pattern), status, times, headers or {},
-                      body if body is not None else {"message": f"{status} fault injected"})
+                      body if body is not None else {"message": f"{status} fault injected"},
+                      query or {})
         self.faults.append(fault)
         return fault
 
@@ -218,7 +225,8 @@ class GitLabFake:
         if self.token and request.headers.get("PRIVATE-TOKEN") != self.token:
             return self._json({"message": "401 Unauthorized"}, 401)
         for fault in self.faults:
-            if fault.times != 0 and fault.pattern.search(path):
+            if (fault.times != 0 and fault.pattern.search(path)
+                    and all(args.get(k) == v for k, v in fault.query.items())):
                 if fault.times is not None:
                     fault.times -= 1
                 return self._json(fault.body, fault.status, fault.headers)

@@ -237,8 +237,8 @@ def wiki_format(page: Mapping[str, Any]) -> str:
 
 
 def wiki_text(page: Mapping[str, Any]) -> str:
-    """The text of a wiki page listed ``with_content=1``, with its title as a heading
-    when the page does not start with one.
+    """The text of a wiki page listed ``with_content=1``; a Markdown page that does not
+    start with a level-1 heading gets its title as one.
 
     Raises:
         ValueError: the page has no ``content`` (listed without ``with_content``).
@@ -248,7 +248,7 @@ def wiki_text(page: Mapping[str, Any]) -> str:
         raise ValueError(f"wiki page {page.get('slug')!r} has no content")
     content = str(content).removeprefix("\ufeff")
     title = str(page.get("title") or page.get("slug") or "").strip()
-    if wiki_format(page) == "markdown" and title and not content.lstrip().startswith("#"):
+    if wiki_format(page) == "markdown" and title and not content.lstrip().startswith("# "):
         return f"# {title}\n\n{content}"
     return content
 
