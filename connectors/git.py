@@ -94,7 +94,7 @@ class GitSourceOptions:
     include: list[str] = field(default_factory=lambda: ["**"])
     exclude: list[str] = field(default_factory=list)
     max_file_bytes: int = 1_000_000
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # never printed
     username: str = "oauth2"
     web_url: str | None = None
     page_size: int = 100

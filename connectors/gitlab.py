@@ -103,7 +103,7 @@ class GitLabSourceOptions:
 
     name: str
     base_url: str = "https://gitlab.com"
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # never printed
     projects: list[str] = field(default_factory=list)
     group: str | None = None
     include_subgroups: bool = True
