@@ -33,7 +33,9 @@ listing ran, which shifts later items across page boundaries), the part's cursor
 held at the item's first position, so an item shifted past is read next time.
 
 Confidential issues are skipped (recorded, and removed from the index if they were in
-it) unless ``include_confidential``; then their metadata has ``confidential=True``.
+it) unless ``include_confidential``; then their metadata has ``confidential=True``. An
+issue moved to another project (GitLab keeps the closed original, with ``moved_to_id``)
+is skipped the same way; its copy in the other project is a document of that project.
 
 Faults: python-gitlab retries 429 (sleeping ``Retry-After`` or until
 ``RateLimit-Reset``) and, with ``retry_transient_errors=True``, 5xx and connection
@@ -225,8 +227,11 @@ class GitLabConnector:
 
     def _message(self, what: str, exc: BaseException) -> str:
         if isinstance(exc, GitlabError):
-            code = exc.response_code
-            detail = f"{code} {exc.error_message}" if code else str(exc.error_message)
+            code, detail = exc.response_code, exc.error_message
+            if isinstance(detail, bytes):  # a body that was not JSON (an HTML error page)
+                detail = detail.decode("utf-8", "replace")
+            detail = " ".join(str(detail).split())[:200]
+            detail = f"{code} {detail}" if code else detail
         else:
             detail = f"{type(exc).__name__}: {exc}"
         return redact(f"gitlab source {self.name!r}: {what}: {detail}", [self.options.token])
@@ -462,6 +467,8 @@ class GitLabConnector:
         if kind == "issue" and is_confidential(attrs) and not self.options.include_confidential:
             return DocumentIssue(doc_id, "confidential issue (include_confidential is off)",
                                  "skipped", title)
+        if attrs.get("moved_to_id"):  # the closed original GitLab keeps after a move
+            return DocumentIssue(doc_id, "moved to another project", "skipped", title)
         try:
             discussions: list[dict[str, Any]] = []
             if attrs.get("user_notes_count", 1):  # 0: nothing but system notes, if any
@@ -550,10 +557,16 @@ class GitLabConnector:
             if part == "issues":
                 return {self.item_id(project, "issue", i.iid)
                         for i in api.issues.list(iterator=True, per_page=100, **self._retries)
-                        if self.options.include_confidential or not is_confidential(i.asdict())}
+                        if self._listed(i.asdict())}
             return {self.item_id(project, "merge_request", m.iid)
                     for m in api.mergerequests.list(iterator=True, per_page=100, view="simple",
                                                     **self._retries)}
+
+    def _listed(self, issue: dict[str, Any]) -> bool:
+        """Whether an issue is indexed at all (not moved away; confidential only if allowed)."""
+        if issue.get("moved_to_id"):
+            return False
+        return self.options.include_confidential or not is_confidential(issue)
 
     def close(self) -> None:
         for conn in self._git.values():

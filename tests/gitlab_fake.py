@@ -208,6 +208,8 @@ class GitLabFake:
 
     def _json(self, body: Any, status: int = 200, headers: dict[str, str] | None = None
               ) -> Response:
+        if isinstance(body, str):  # a raw body, e.g. a proxy's HTML error page
+            return Response(body, status=status, headers=headers or {}, content_type="text/html")
         return Response(json.dumps(body), status=status, headers=headers or {},
                         content_type="application/json")
 

@@ -242,6 +242,18 @@ def test_incremental_read_asks_for_updates_since_cursor_minus_overlap(fake, tmp_
     assert new["wiki"] == cursor["projects"][PROJECT]["wiki"]
 
 
+def test_moved_issue_leaves_the_index(fake, tmp_path):
+    conn = make_connector(fake, tmp_path, parts=["issues"])
+    cursor = read(conn)[0][-1].cursor
+    moved = fake.items[(4242, "issues")][2]
+    moved.update(moved_to_id=990077, state="closed", updated_at=gitlab_time(days_ago(0)))
+    _, docs, issues, _ = read(conn, FetchRequest(cursor=cursor))
+    assert "gl:platform/deploy-tools#2" not in docs
+    assert issues["gl:platform/deploy-tools#2"].kind == "skipped"  # the flow removes it
+    assert "moved" in issues["gl:platform/deploy-tools#2"].reason
+    assert "gl:platform/deploy-tools#2" not in conn.list_ids().ids
+
+
 def test_wiki_changes_and_deletions_by_content_hash(fake, tmp_path):
     conn = make_connector(fake, tmp_path, parts=["wiki"])
     cursor = read(conn)[0][-1].cursor
@@ -337,7 +349,8 @@ def test_server_errors_are_retried_with_backoff(fake, tmp_path):
 
 
 def test_listing_that_keeps_failing_is_transient_and_names_no_token(fake, tmp_path):
-    fake.fail(r"/merge_requests$", 500, times=None)
+    fake.fail(r"/merge_requests$", 500, times=None,
+              body=f"<html><body><h1>500</h1>token={fake.token}</body></html>")
     conn = make_connector(fake, tmp_path, parts=["merge_requests"], max_retries=1)
     with pytest.raises(TransientSourceError) as err:
         read(conn)
