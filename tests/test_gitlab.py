@@ -52,7 +52,7 @@ def test_real_discussions_keep_comments_and_drop_system_notes():
     assert "This is a comment" in text and "A second comment" in text
     assert "changed milestone" not in text and "closed" not in text
     assert text.index("This is a comment") < text.index("A second comment")
-    assert text.count("Lauris BH (@lafriks), 2019-11-28") == 2
+    assert text.count("**Lauris BH (@lafriks), 2019-11-28") == 2
 
 
 @pytest.mark.realdata
@@ -84,12 +84,35 @@ def test_merge_request_text_has_branches_merge_and_diff_note_position():
     assert "- Branches: feature/upload-retries -> main" in text
     assert "- Merged: 2024-04-16 09:09 UTC" in text and "- Merged by: Ana Petrova (@ana)" in text
     assert "on `deploy/upload.py` line 42 (resolved)" in text
-    assert "#### Reply by Ben Kowalski (@ben.k)" in text
+    assert "**Reply by Ben Kowalski (@ben.k), 2024-04-15 11:30 UTC:**\nCapped at 30" in text
     assert "mentioned in commit" not in text
     meta = item_metadata(mr, PROJECT, "merge_request")
     assert meta["source_branch"] == "feature/upload-retries" and meta["target_branch"] == "main"
     assert meta["merged_at"] == parse_time("2024-04-16T09:09:58.000Z")
     assert meta["assignees"] == ["ben.k"] and meta["kind"] == "merge_request"
+
+
+def test_short_notes_are_packed_into_few_chunks_and_a_new_note_changes_only_the_tail(embedder):
+    from transforms.chunking import ChunkingConfig, chunk_document
+
+    issue = json.loads((FIXTURES / "issues.json").read_text())[0]
+    notes = [{"notes": [{"body": f"Note {i}: the runner {i} still fails to log in to the "
+                                 f"registry after {i + 2} hours, see job {5500 + i}.",
+                         "author": {"name": "Ben Kowalski", "username": "ben.k"},
+                         "created_at": f"2024-04-02T10:{i:02d}:00.000Z", "system": False}]}
+             for i in range(15)]
+    config = ChunkingConfig(max_tokens=embedder.max_text_tokens, overlap_tokens=0)
+
+    def chunks(discussions):
+        text = issue_text(issue, discussions, PROJECT)
+        return [c.id for c in chunk_document("gl:p#1", text, fmt="markdown", title="p#1",
+                                             config=config, counter=embedder.count_tokens)]
+
+    before = chunks(notes)
+    assert len(before) <= 5  # not one chunk per note (15 notes + facts + description)
+    after = chunks(notes + [{"notes": [{"body": "Fixed by !1.", "author": {"username": "ana"},
+                                        "created_at": "2024-04-03T09:00:00.000Z"}]}])
+    assert after[:-1] == before  # every earlier chunk keeps its id: one chunk to embed
 
 
 def test_internal_notes_only_with_include_confidential():

@@ -5,8 +5,8 @@ python-gitlab's ``obj.asdict()`` returns) and does no I/O:
 
 * an issue or merge request becomes one Markdown document: a title heading, a short
   facts block (state, author, labels, milestone, assignees; for merge requests also
-  the branches and ``merged_at``), the description, then every discussion in order,
-  each note with its author and date. ``updated_at`` is left out of the text (it is in
+  the branches and ``merged_at``), the description, then a ``## Discussion`` section
+  with every discussion in order, each note with its author and date. ``updated_at`` is left out of the text (it is in
   the metadata): a new note then changes only the chunks at the end. *System notes* ("changed milestone to %2",
   "closed", "mentioned in commit ...") are dropped: they are GitLab's own activity log,
   not knowledge, and they change on every label edit.
@@ -110,10 +110,12 @@ def render_discussions(discussions: Iterable[Mapping[str, Any]],
                        include_confidential: bool = False) -> str:
     """The discussions of an issue or merge request as Markdown, system notes dropped.
 
-    Each discussion is a ``###`` heading with its first note's author and date (and the
-    file and line for a diff note), the note body, then its replies as ``####``
-    headings. A discussion left with no notes is omitted. Returns ``""`` when nothing
-    remains.
+    Each note is a bold line with its author and date (for a diff note also the file
+    and line; replies say "Reply by"), then its body. Notes are paragraphs, not
+    headings: the Markdown chunker cuts at headings, and one chunk per short note would
+    make many tiny chunks; as paragraphs they are packed into chunks of the model's
+    size, and a new note at the end changes only the last chunk. A discussion left with
+    no notes is omitted. Returns ``""`` when nothing remains.
     """
     blocks: list[str] = []
     for discussion in discussions:
@@ -125,10 +127,10 @@ def render_discussions(discussions: Iterable[Mapping[str, Any]],
             when = format_time(note.get("created_at"))
             if i == 0:
                 resolved = " (resolved)" if note.get("resolvable") and note.get("resolved") else ""
-                heading = f"### {person(note.get('author'))}, {when}{_position(note)}{resolved}"
+                line = f"**{person(note.get('author'))}, {when}{_position(note)}{resolved}:**"
             else:
-                heading = f"#### Reply by {person(note.get('author'))}, {when}"
-            blocks.append(f"{heading}\n\n{body}" if body else heading)
+                line = f"**Reply by {person(note.get('author'))}, {when}:**"
+            blocks.append(f"{line}\n{body}" if body else line)
     return "\n\n".join(blocks)
 
 
@@ -138,10 +140,7 @@ def _facts(lines: list[tuple[str, str]]) -> str:
 
 def _body(title: str, facts: list[tuple[str, str]], description: str | None,
           discussions: str) -> str:
-    parts = [f"# {title.strip()}", _facts(facts)]
-    description = (description or "").strip()
-    if description:
-        parts.append(f"## Description\n\n{description}")
+    parts = [f"# {title.strip()}", _facts(facts), (description or "").strip()]
     if discussions:
         parts.append(f"## Discussion\n\n{discussions}")
     return "\n\n".join(p for p in parts if p) + "\n"
