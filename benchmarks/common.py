@@ -9,7 +9,6 @@ import os
 import random
 import sys
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 from typing import Any

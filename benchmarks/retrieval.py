@@ -23,8 +23,8 @@ from pathlib import Path
 
 import yaml
 from common import (
-    ROOT,
     DEFAULT_REALDATA,
+    ROOT,
     aws_corpus,
     aws_questions,
     commit_repo,

@@ -94,11 +94,14 @@ class GitSourceOptions:
     include: list[str] = field(default_factory=lambda: ["**"])
     exclude: list[str] = field(default_factory=list)
     max_file_bytes: int = 1_000_000
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # never printed
     username: str = "oauth2"
     web_url: str | None = None
     page_size: int = 100
     clone_dir: Path | None = None
+    #: put between ``<name>:`` and the path in document ids (``"group/app:code:"``), so
+    #: a source that holds several repositories (GitLab) keeps their ids apart
+    id_prefix: str = ""
 
 
 class GitConnector:
@@ -212,7 +215,7 @@ class GitConnector:
         return self._include.match_file(path) and not self._exclude.match_file(path)
 
     def _doc_id(self, path: str) -> str:
-        return f"{self.name}:{path}"
+        return f"{self.name}:{self.options.id_prefix}{path}"
 
     def _tree_paths(self, commit: git.Commit) -> list[str]:
         out = self.repo().git.ls_tree("-r", "-z", "--name-only", commit.hexsha)

@@ -35,6 +35,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from connectors.confluence import ConfluenceConnector, ConfluenceSourceOptions
 from connectors.git import GitConnector, GitSourceOptions
+from connectors.gitlab import PARTS, GitLabConnector, GitLabSourceOptions
 from transforms.embedding import DEFAULT_MODEL, EmbedderSpec
 
 DEFAULT_CONFIG_FILE = "kbsync.yaml"
@@ -94,6 +95,13 @@ class RetrievalSettings(_Model):
     rrf_k: int = Field(60, ge=1, description="reciprocal-rank fusion constant")
     dense_weight: float = Field(1.0, ge=0)
     lexical_weight: float = Field(1.0, ge=0)
+    adaptive_dense_weight: bool = Field(
+        True, description="scale dense_weight down for queries the model's tokenizer "
+                          "shreds (tokens per word above fertility_full)")
+    fertility_full: float = Field(3.0, gt=0, description="tokens/word up to which dense "
+                                                         "counts fully")
+    fertility_zero: float = Field(3.8, gt=0, description="tokens/word from which dense "
+                                                         "counts nothing")
 
 
 class SyncSettings(_Model):
@@ -222,8 +230,66 @@ class ConfluenceSource(_Model):
         return ConfluenceConnector(self.options())
 
 
+GitLabPart = Literal["code", "issues", "merge_requests", "wiki"]
+
+
+class GitLabSource(_Model):
+    """GitLab projects: repository files, issues, merge requests, wiki (``type: gitlab``)."""
+
+    type: Literal["gitlab"] = "gitlab"
+    name: str = Field(pattern=SOURCE_NAME)
+    base_url: str = Field("https://gitlab.com", description="the GitLab instance")
+    token: SecretStr | None = Field(
+        None, description="personal/project/group access token (read_api + read_repository), "
+                          "e.g. ${GITLAB_TOKEN}")
+    projects: list[str | int] = Field(
+        default_factory=list, description="project paths (group/project) or ids")
+    group: str | None = Field(None, description="every project of this group (path or id)")
+    include_subgroups: bool = True
+    parts: list[GitLabPart] = Field(default_factory=lambda: list(PARTS), min_length=1)
+    branch: str | None = Field(None, description="code branch; default each project's default")
+    include: list[str] = Field(default_factory=lambda: ["**"])
+    exclude: list[str] = Field(default_factory=list)
+    max_file_bytes: int = Field(1_000_000, ge=1)
+    overlap_minutes: float = Field(
+        10, ge=0, description="issues/MRs: re-read this much before the cursor")
+    include_confidential: bool = Field(
+        False, description="index confidential issues and internal notes")
+    page_size: int = Field(100, ge=1, le=100, description="items per API page and per sync page")
+    max_retries: int = Field(5, ge=0, description="python-gitlab retries of 429/5xx/timeouts")
+    timeout_seconds: float = Field(60, gt=0)
+    clone_url: str | None = Field(
+        None, description="clone URL template ({path}, {id}); default http_url_to_repo")
+    ssl_verify: bool | str = Field(True, description="false, or a CA bundle path")
+    schedule: str | None = Field(None, description="cron for scheduled syncs")
+
+    @model_validator(mode="after")
+    def _needs_projects(self) -> GitLabSource:
+        if not self.projects and not self.group:
+            raise ValueError("set projects, group, or both")
+        return self
+
+    def build(self, settings: Settings) -> GitLabConnector:
+        """The connector for this source."""
+        return GitLabConnector(
+            GitLabSourceOptions(
+                name=self.name, base_url=self.base_url,
+                token=self.token.get_secret_value() if self.token else None,
+                projects=[str(p) for p in self.projects], group=self.group,
+                include_subgroups=self.include_subgroups, parts=list(dict.fromkeys(self.parts)),
+                branch=self.branch, include=self.include, exclude=self.exclude,
+                max_file_bytes=self.max_file_bytes, overlap_minutes=self.overlap_minutes,
+                include_confidential=self.include_confidential, page_size=self.page_size,
+                max_retries=self.max_retries, timeout_seconds=self.timeout_seconds,
+                clone_url=self.clone_url, ssl_verify=self.ssl_verify,
+            ),
+            data_dir=settings.data_dir,
+        )
+
+
 #: Every source type; later source types join this union.
-SourceSettings = Annotated[GitSource | ConfluenceSource, Field(discriminator="type")]
+SourceSettings = Annotated[GitSource | GitLabSource | ConfluenceSource,
+                           Field(discriminator="type")]
 
 
 class Settings(BaseSettings):

@@ -24,9 +24,9 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 for _var in ("KBSYNC_CONFIG", "KBSYNC_STATE_URL", "KBSYNC_DATA_DIR", "KBSYNC_SOURCES"):
     os.environ.pop(_var, None)
 
-import flows  # noqa: E402,F401 - telemetry-off defaults before prefect is imported
 import git  # noqa: E402
 
+import flows  # noqa: E402,F401 - telemetry-off defaults before prefect is imported
 from flows.settings import Settings  # noqa: E402
 
 REALDATA = Path(os.environ.get("KBSYNC_REALDATA", Path(__file__).resolve().parents[2] / "shared"

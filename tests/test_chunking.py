@@ -37,7 +37,7 @@ def test_markdown_keeps_heading_path_and_code_indentation(counter, config):
     chunks = chunk_document("d", text, fmt="markdown", title="guide.md", config=config,
                             counter=counter)
     by_heading = {c.heading: c for c in chunks}
-    assert set(by_heading) == {"Guide", "Guide > Install", "Guide > Install", "Guide > Use"}
+    assert set(by_heading) == {"Guide", "Guide > Install", "Guide > Use"}
     install = by_heading["Guide > Install"].text
     assert install.startswith("guide.md > Guide > Install\n\n")
     assert "def f():\n    return 1" in install  # indentation survives, code stays with its prose

@@ -8,10 +8,11 @@ from typer.testing import CliRunner
 
 from connectors.lexical import LexicalIndex
 from flows.cli import app
-from flows.retrieve import retrieve
+from flows.retrieve import hybrid_weights, retrieve
 from flows.sync import Pipeline
 from tests.test_sync import chunks_by_doc, collection, sync
 from transforms.analysis import analyze, detect_language, split_identifier
+from transforms.embedding import fertility_weight
 
 RU_DOCS = {
     "docs/build.md": "# Сборка документации\n\nЧтобы собрать проект, запустите сборщик с "
@@ -192,3 +193,40 @@ def test_lexical_rows_without_chroma_chunks_are_not_returned(make_repo, make_set
     col = client.get_collection("kbsync")
     col.delete(ids=col.get()["ids"])  # Chroma lost the chunks; the lexical rows remain
     assert retrieve(settings, "zebrafish", k=3, mode="lexical") == []
+
+
+# ------------------------------------------------- query-adaptive dense weight
+
+def test_fertility_weight_is_full_then_linear_then_zero():
+    assert fertility_weight(1.3, 3.0, 3.8) == 1.0
+    assert fertility_weight(3.0, 3.0, 3.8) == 1.0
+    assert fertility_weight(3.4, 3.0, 3.8) == pytest.approx(0.5)
+    assert fertility_weight(5.5, 3.0, 3.8) == 0.0
+    assert fertility_weight(3.1, 3.0, 3.0) == 0.0  # a step when the bounds meet
+
+
+def test_packaged_model_shreds_russian_but_not_english(embedder):
+    en = embedder.fertility("How do I upload the site to an S3 bucket?")
+    ru = embedder.fertility("Как загрузить сайт в бакет объектного хранилища?")
+    assert en < 2.0 < 3.8 < ru
+    assert embedder.fertility("") == 0.0
+
+
+def test_hybrid_leans_on_lexical_for_queries_the_model_cannot_read(make_repo, make_settings):
+    repo = make_repo(RU_DOCS)
+    settings = make_settings(repo)
+    sync(settings)
+    question = "как собрать документацию"
+    dense_w, lexical_w = hybrid_weights(settings, question)
+    assert dense_w == 0.0 and lexical_w == 1.0
+    hybrid = retrieve(settings, question, k=3, mode="hybrid")
+    lexical = retrieve(settings, question, k=3, mode="lexical")
+    assert [h.chunk_id for h in hybrid] == [h.chunk_id for h in lexical]
+    assert all(set(h.ranks) == {"lexical"} for h in hybrid)
+
+    english = "upload the site to an S3 bucket"
+    assert hybrid_weights(settings, english) == (1.0, 1.0)
+    fixed = settings.model_copy(update={"retrieval": settings.retrieval.model_copy(
+        update={"adaptive_dense_weight": False})})
+    assert hybrid_weights(fixed, question) == (1.0, 1.0)
+    assert any("dense" in h.ranks for h in retrieve(fixed, question, k=3, mode="hybrid"))

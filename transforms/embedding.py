@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ log = logging.getLogger(__name__)
 
 #: The packaged offline default.
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+_WORD = re.compile(r"\w+")
 
 
 class EmbeddingModelError(Exception):
@@ -143,6 +147,18 @@ class Embedder:
         return len(self._tokenizer(text, add_special_tokens=False, truncation=False,
                                    verbose=False)["input_ids"])
 
+    def fertility(self, text: str) -> float:
+        """Tokenizer fertility of ``text``: the model's tokens per word (``\\w+`` run).
+
+        A model whose vocabulary covers the language splits a word into ~1-2 tokens
+        (all-MiniLM-L6-v2 on English questions: median 1.3, max 2.7); a language it
+        does not know falls apart into characters (the same model on Russian: median
+        5.5, min 3.9). Rust et al., "How Good is Your Tokenizer?" (ACL 2021) use the
+        same measure. Returns 0.0 for text without words.
+        """
+        words = len(_WORD.findall(text))
+        return self.count_tokens(text) / words if words else 0.0
+
     def encode(self, texts: Sequence[str], progress: Callable[[int], None] | None = None,
                kind: str = "passage") -> np.ndarray:
         """Embed ``texts``; returns a ``(len(texts), dimension)`` float32 array of unit
@@ -181,3 +197,19 @@ def load_embedder(spec: EmbedderSpec) -> Embedder:
     """The :class:`Embedder` for ``spec``, loaded once per process."""
     log.info("loading embedding model %s", spec.model)
     return Embedder(spec)
+
+
+def fertility_weight(fertility: float, full_at: float, zero_at: float) -> float:
+    """How much a dense ranking is trusted for a query of this tokenizer fertility.
+
+    1.0 up to ``full_at`` tokens per word, 0.0 from ``zero_at`` on, linear in between
+    (``zero_at <= full_at`` is a step at ``full_at``). A query the model shreds into
+    characters gets a dense ranking close to noise, and fusing noise with a good
+    lexical ranking makes the fusion worse than the lexical ranking alone (measured in
+    ``benchmarks/retrieval.py``: Russian questions with all-MiniLM-L6-v2).
+    """
+    if fertility <= full_at:
+        return 1.0
+    if fertility >= zero_at or zero_at <= full_at:
+        return 0.0
+    return (zero_at - fertility) / (zero_at - full_at)

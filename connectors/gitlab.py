@@ -1,0 +1,577 @@
+"""GitLab as a source: repository files, issues, merge requests and the project wiki.
+
+One *source* is a GitLab instance (``base_url``) with a set of projects: named ones
+(path or id) and/or every project of a group (optionally with its subgroups). Each
+project contributes up to four *parts*:
+
+``code``
+    the repository, cloned bare over HTTPS and read by :class:`connectors.git.GitConnector`
+    (incremental by commit diff; the token goes to git as an HTTP header through the
+    environment). Document urls are GitLab blob URLs of the file at the commit that
+    last changed it (the file's content at the synced commit).
+``issues`` / ``merge_requests``
+    listed with ``updated_after=<cursor - overlap>``, ``order_by=updated_at``,
+    ``sort=asc`` and ``iterator=True`` (python-gitlab follows every ``Link: rel="next"``
+    page). Listing in creation order and stopping at the first old item would miss
+    old items updated recently. One Markdown document per issue/MR: title,
+    facts, description and every discussion note with author and date (system notes
+    dropped; see :mod:`transforms.gitlab`).
+``wiki``
+    every page listed ``with_content=1`` (the wiki API has no ``updated_after``); a page
+    is a change when its content hash differs from the one in the cursor, and a slug
+    that disappeared is a deletion.
+
+Document ids: ``<source>:<project path>:code:<file path>``, ``<source>:<project path>#<iid>``
+(issue), ``<source>:<project path>!<iid>`` (merge request, GitLab's own reference
+syntax), ``<source>:<project path>:wiki:<slug>``.
+
+The *cursor* is ``{"projects": {<project path>: {"code": {"commit": sha}, "issues":
+<updated_at>, "merge_requests": <updated_at>, "wiki": {<slug>: <hash>}}}}``. It never
+passes an issue/MR that failed: the part's cursor is held at the failed item's
+``updated_at``. If an item shows up twice in one listing (it was updated while the
+listing ran, which shifts later items across page boundaries), the part's cursor is
+held at the item's first position, so an item shifted past is read next time.
+
+Confidential issues are skipped (recorded, and removed from the index if they were in
+it) unless ``include_confidential``; then their metadata has ``confidential=True``. An
+issue moved to another project (GitLab keeps the closed original, with ``moved_to_id``)
+is skipped the same way; its copy in the other project is a document of that project.
+
+Faults: python-gitlab retries 429 (sleeping ``Retry-After`` or until
+``RateLimit-Reset``) and, with ``retry_transient_errors=True``, 5xx and connection
+errors with exponential backoff (0.1 s * 2^n), up to ``max_retries`` times
+(``gitlab/utils.py`` ``Retry``; https://python-gitlab.readthedocs.io/en/stable/api-usage-advanced.html#rate-limits).
+What still fails: 401/403/404 on a listing -> :class:`ConnectorError` (not retried);
+5xx/429/connection errors on a listing -> :class:`TransientSourceError` (the flow
+retries the page from the last checkpoint); an error reading one item's discussions
+-> a failed :class:`DocumentIssue` for that item, and the run goes on. The token is
+sent as the ``PRIVATE-TOKEN`` header and never appears in a message.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import gitlab
+import requests
+from gitlab.exceptions import GitlabAuthenticationError, GitlabError
+
+from connectors.base import (
+    Checkpoint,
+    ConnectorError,
+    Document,
+    DocumentIssue,
+    FetchRequest,
+    Listing,
+    Page,
+    TransientSourceError,
+    now_utc,
+    redact,
+)
+from connectors.git import GitConnector, GitSourceOptions
+from transforms.gitlab import (
+    api_time,
+    is_confidential,
+    issue_text,
+    item_metadata,
+    merge_request_text,
+    parse_time,
+    wiki_format,
+    wiki_hash,
+    wiki_metadata,
+    wiki_text,
+)
+
+log = logging.getLogger(__name__)
+
+#: The parts of a project, in the order a run reads them.
+PARTS = ("code", "issues", "merge_requests", "wiki")
+
+#: ``(kind, value)`` events of one part's reader: ``doc``, ``delete``, ``issue``, and
+#: ``mark`` (a resume point; value = the part's checkpoint after what came before).
+_Event = tuple[str, Any]
+
+
+@dataclass
+class GitLabSourceOptions:
+    """Settings of one GitLab source (see ``flows.settings.GitLabSource``)."""
+
+    name: str
+    base_url: str = "https://gitlab.com"
+    token: str | None = field(default=None, repr=False)  # never printed
+    projects: list[str] = field(default_factory=list)
+    group: str | None = None
+    include_subgroups: bool = True
+    parts: list[str] = field(default_factory=lambda: list(PARTS))
+    branch: str | None = None
+    include: list[str] = field(default_factory=lambda: ["**"])
+    exclude: list[str] = field(default_factory=list)
+    max_file_bytes: int = 1_000_000
+    overlap_minutes: float = 10.0
+    include_confidential: bool = False
+    page_size: int = 100
+    max_retries: int = 5
+    timeout_seconds: float = 60.0
+    #: clone URL template (``{path}``, ``{id}``); default: the project's ``http_url_to_repo``
+    clone_url: str | None = None
+    ssl_verify: bool | str = True
+
+
+@dataclass(frozen=True)
+class GitLabProject:
+    """What kbsync needs of a project (from ``GET /projects/:id`` or a group listing)."""
+
+    id: int
+    path: str
+    web_url: str
+    http_url_to_repo: str | None
+    default_branch: str | None
+    parts: frozenset[str]
+
+    @classmethod
+    def from_api(cls, attrs: dict[str, Any]) -> GitLabProject:
+        """Build from a project JSON object; a part is missing when the project turned
+        the feature off (``*_enabled: false`` or ``*_access_level: "disabled"``) or,
+        for code, when the repository is empty."""
+
+        def enabled(flag: str, level: str) -> bool:
+            return attrs.get(flag) is not False and attrs.get(level) != "disabled"
+
+        parts = set()
+        if (enabled("repository_enabled", "repository_access_level")
+                and not attrs.get("empty_repo") and attrs.get("http_url_to_repo")):
+            parts.add("code")
+        if enabled("issues_enabled", "issues_access_level"):
+            parts.add("issues")
+        if enabled("merge_requests_enabled", "merge_requests_access_level"):
+            parts.add("merge_requests")
+        if enabled("wiki_enabled", "wiki_access_level"):
+            parts.add("wiki")
+        return cls(id=int(attrs["id"]), path=str(attrs["path_with_namespace"]),
+                   web_url=str(attrs.get("web_url") or "").rstrip("/"),
+                   http_url_to_repo=attrs.get("http_url_to_repo"),
+                   default_branch=attrs.get("default_branch"), parts=frozenset(parts))
+
+
+def _earliest(a: str | None, b: str | None) -> str | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return a if parse_time(a) <= parse_time(b) else b
+
+
+def _latest(a: str | None, b: str | None) -> str | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return a if parse_time(a) >= parse_time(b) else b
+
+
+def _norm(value: str | None) -> str | None:
+    """A GitLab timestamp in one spelling (``api_time``), so cursors compare as values."""
+    return api_time(parse_time(value)) if value else None
+
+
+class GitLabConnector:
+    """A GitLab source: its projects' code, issues, merge requests and wiki.
+
+    Args:
+        options: the source's settings.
+        data_dir: kbsync's data directory; clones live in ``<data_dir>/gitlab/<source>/``.
+
+    Raises (from :meth:`fetch`):
+        ConnectorError: bad token (401), a project, group or part that cannot be read
+            (403/404). Messages never contain the token.
+        TransientSourceError: 5xx, 429 or connection errors that outlasted
+            python-gitlab's own retries.
+    """
+
+    source_type = "gitlab"
+
+    def __init__(self, options: GitLabSourceOptions, data_dir: Path | None = None) -> None:
+        unknown = set(options.parts) - set(PARTS)
+        if unknown:
+            raise ValueError(f"unknown GitLab parts: {sorted(unknown)}")
+        if not options.projects and not options.group:
+            raise ValueError("a GitLab source needs projects or a group")
+        self.options = options
+        self.name = options.name
+        self._data_dir = Path(data_dir) if data_dir else Path(".kbsync")
+        self._gl: gitlab.Gitlab | None = None
+        self._projects: list[GitLabProject] | None = None
+        self._git: dict[int, GitConnector] = {}
+
+    # --------------------------------------------------------------------- the API
+
+    @property
+    def gl(self) -> gitlab.Gitlab:
+        """The python-gitlab client (retries 429 and transient errors itself)."""
+        if self._gl is None:
+            self._gl = gitlab.Gitlab(
+                url=self.options.base_url, private_token=self.options.token,
+                timeout=self.options.timeout_seconds, ssl_verify=self.options.ssl_verify,
+                retry_transient_errors=True, keep_base_url=True,
+                user_agent="kbsync (python-gitlab)")
+        return self._gl
+
+    @property
+    def _retries(self) -> dict[str, Any]:
+        # max_retries is an argument of Gitlab.http_request, passed through list()/get()
+        # (and kept by GitlabList for every following page)
+        return {"max_retries": self.options.max_retries}
+
+    def _message(self, what: str, exc: BaseException) -> str:
+        if isinstance(exc, GitlabError):
+            code, detail = exc.response_code, exc.error_message
+            if isinstance(detail, bytes):  # a body that was not JSON (an HTML error page)
+                detail = detail.decode("utf-8", "replace")
+            detail = " ".join(str(detail).split())[:200]
+            detail = f"{code} {detail}" if code else detail
+        else:
+            detail = f"{type(exc).__name__}: {exc}"
+        return redact(f"gitlab source {self.name!r}: {what}: {detail}", [self.options.token])
+
+    @contextmanager
+    def _api(self, what: str) -> Iterator[None]:
+        """Turn python-gitlab and requests errors into the connector's errors."""
+        try:
+            yield
+        except GitlabAuthenticationError as exc:
+            raise ConnectorError(self._message(what, exc) + " (check the token)") from None
+        except GitlabError as exc:
+            code = exc.response_code
+            if code is None or code == 429 or code >= 500:
+                raise TransientSourceError(self._message(what, exc)) from None
+            raise ConnectorError(self._message(what, exc)) from None
+        except requests.RequestException as exc:
+            raise TransientSourceError(self._message(what, exc)) from None
+
+    def projects(self) -> list[GitLabProject]:
+        """The configured projects plus the group's, sorted by path (cached per connector)."""
+        if self._projects is not None:
+            return self._projects
+        found: dict[int, GitLabProject] = {}
+        for ref in self.options.projects:
+            with self._api(f"cannot read project {str(ref)!r}"):
+                project = self.gl.projects.get(ref, **self._retries)
+            found[project.id] = GitLabProject.from_api(project.asdict())
+        if self.options.group:
+            with self._api(f"cannot list the projects of group {self.options.group!r}"):
+                group = self.gl.groups.get(self.options.group, lazy=True)
+                listing = group.projects.list(
+                    iterator=True, per_page=100, with_shared="false", **self._retries,
+                    include_subgroups="true" if self.options.include_subgroups else "false")
+                for project in listing:
+                    found.setdefault(project.id, GitLabProject.from_api(project.asdict()))
+        self._projects = sorted(found.values(), key=lambda p: p.path)
+        return self._projects
+
+    def _project_api(self, project: GitLabProject):
+        return self.gl.projects.get(project.id, lazy=True)
+
+    def _git_connector(self, project: GitLabProject) -> GitConnector:
+        conn = self._git.get(project.id)
+        if conn is None:
+            url = (self.options.clone_url.format(path=project.path, id=project.id)
+                   if self.options.clone_url else project.http_url_to_repo)
+            conn = GitConnector(
+                GitSourceOptions(
+                    name=self.name, url=str(url), branch=self.options.branch or project.default_branch,
+                    include=self.options.include, exclude=self.options.exclude,
+                    max_file_bytes=self.options.max_file_bytes, token=self.options.token,
+                    username="oauth2", web_url=f"{project.web_url}/-/blob/{{commit}}/{{path}}",
+                    page_size=self.options.page_size,
+                    clone_dir=self._data_dir / "gitlab" / self.name / f"{project.id}.git",
+                    id_prefix=f"{project.path}:code:",
+                ),
+                data_dir=self._data_dir,
+            )
+            self._git[project.id] = conn
+        return conn
+
+    # ------------------------------------------------------------------ document ids
+
+    def item_id(self, project: GitLabProject, kind: str, iid: int) -> str:
+        """``<source>:<project>#<iid>`` for an issue, ``<source>:<project>!<iid>`` for an MR."""
+        return f"{self.name}:{project.path}{'#' if kind == 'issue' else '!'}{iid}"
+
+    def wiki_id(self, project: GitLabProject, slug: str) -> str:
+        return f"{self.name}:{project.path}:wiki:{slug}"
+
+    # ---------------------------------------------------------------------- fetching
+
+    def _steps(self) -> list[tuple[GitLabProject, str]]:
+        return [(project, part) for project in self.projects() for part in PARTS
+                if part in self.options.parts and part in project.parts]
+
+    def fetch(self, request: FetchRequest, checkpoint: Checkpoint | None = None) -> Iterator[Page]:
+        """Yield the changes of every project's parts, in pages of about ``page_size``
+        entries (small parts share a page).
+
+        The checkpoint is ``{"cursor": <cursor so far>, "at": [<project path>,
+        <part index>], "inner": <the part's own resume point, or None once done>}``.
+        """
+        old_projects = (request.cursor or {}).get("projects") or {}
+        new_cursor: dict[str, dict[str, Any]] = copy.deepcopy(
+            (checkpoint or {}).get("cursor") or {})
+        resume_at = tuple((checkpoint or {}).get("at") or ())
+        resume_inner = (checkpoint or {}).get("inner")
+        size = max(1, self.options.page_size)
+        buffer = Page()
+        position: Checkpoint | None = dict(checkpoint) if checkpoint else None
+        pending = 0
+
+        for project, part in self._steps():
+            key = (project.path, PARTS.index(part))
+            inner = None
+            if resume_at:
+                if key < resume_at or (key == resume_at and resume_inner is None):
+                    continue
+                if key == resume_at:
+                    inner = resume_inner
+            old = (old_projects.get(project.path) or {}).get(part) if request.cursor else None
+            events = self._read_part(project, part, old, inner, request)
+            while True:
+                try:
+                    kind, value = next(events)
+                except StopIteration as stop:
+                    if stop.value is not None:
+                        new_cursor.setdefault(project.path, {})[part] = stop.value
+                    else:
+                        new_cursor.get(project.path, {}).pop(part, None)
+                    position = {"cursor": copy.deepcopy(new_cursor), "at": list(key),
+                                "inner": None}
+                    break
+                if kind == "mark":
+                    position = {"cursor": copy.deepcopy(new_cursor), "at": list(key),
+                                "inner": value}
+                    if pending >= size:
+                        buffer.checkpoint = position
+                        yield buffer
+                        buffer, pending = Page(), 0
+                    continue
+                pending += 1
+                if kind == "doc":
+                    buffer.documents.append(value)
+                elif kind == "delete":
+                    buffer.deletions.append(value)
+                else:
+                    buffer.issues.append(value)
+            if pending >= size:
+                buffer.checkpoint = position
+                yield buffer
+                buffer, pending = Page(), 0
+
+        buffer.checkpoint = position or {"cursor": new_cursor, "at": [], "inner": None}
+        buffer.cursor = {"projects": new_cursor}
+        yield buffer
+
+    def _read_part(self, project: GitLabProject, part: str, old: Any, inner: Any,
+                   request: FetchRequest) -> Iterator[_Event]:
+        if part == "code":
+            return self._read_code(project, old, inner, request)
+        if part == "wiki":
+            return self._read_wiki(project, old)
+        return self._read_items(project, part, old, inner, request)
+
+    def _read_code(self, project: GitLabProject, old: Any, inner: Any,
+                   request: FetchRequest) -> Iterator[_Event]:
+        conn = self._git_connector(project)
+        sub = FetchRequest(cursor=old if isinstance(old, dict) else None,
+                           since=request.since, until=request.until)
+        result = old
+        for page in conn.fetch(sub, inner):
+            for doc in page.documents:
+                yield "doc", replace(doc, source_type=self.source_type,
+                                     metadata={**doc.metadata, "project": project.path,
+                                               "kind": "code"})
+            for doc_id in page.deletions:
+                yield "delete", doc_id
+            for issue in page.issues:
+                yield "issue", issue
+            if page.cursor is not None:
+                result = page.cursor
+            else:
+                yield "mark", page.checkpoint
+        return result
+
+    def _read_items(self, project: GitLabProject, part: str, old: str | None, inner: Any,
+                    request: FetchRequest) -> Iterator[_Event]:
+        """Issues or merge requests updated since ``old - overlap`` (or in the backfill
+        window), oldest update first. Returns the part's new cursor value."""
+        kind = "issue" if part == "issues" else "merge_request"
+        state = dict(inner or {})
+        if "start" not in state:
+            if request.since is not None:
+                start = api_time(request.since)
+            elif old:
+                start = api_time(parse_time(old) - timedelta(minutes=self.options.overlap_minutes))
+            else:
+                start = None
+            state = {"start": start, "after": start, "high": _norm(old), "cap": None,
+                     "hold": False}
+        params: dict[str, Any] = {"order_by": "updated_at", "sort": "asc", "iterator": True,
+                                  "per_page": min(100, self.options.page_size), **self._retries}
+        if state["after"]:
+            params["updated_after"] = state["after"]
+        if request.until is not None:
+            params["updated_before"] = api_time(request.until)
+        what = f"cannot list the {part.replace('_', ' ')} of {project.path}"
+        api = self._project_api(project)
+        manager = api.issues if part == "issues" else api.mergerequests
+        with self._api(what):
+            listing = manager.list(**params)
+        total_at_start = listing.total
+        first_seen: dict[int, str] = {}
+        while True:
+            with self._api(what):
+                try:
+                    item = next(listing)
+                except StopIteration:
+                    break
+            attrs = item.asdict()
+            updated = _norm(attrs.get("updated_at"))
+            if attrs.get("id") in first_seen:  # updated while we listed: see the docstring
+                state["cap"] = _earliest(state["cap"], first_seen[attrs["id"]])
+            first_seen.setdefault(attrs.get("id"), updated)
+            result = self._item_document(project, kind, item, attrs)
+            if isinstance(result, Document):
+                yield "doc", result
+            else:
+                yield "issue", result
+                if result.kind == "failed":
+                    state["cap"] = _earliest(state["cap"], updated)
+            state["high"] = _latest(state["high"], updated)
+            state["after"] = updated or state["after"]
+            yield "mark", dict(state)
+        if total_at_start is not None and listing.total is not None \
+                and listing.total < total_at_start:
+            # an item left the listing while we read it; later items may have shifted
+            # to a page already read: read this part again from where it started
+            state["hold"] = True
+        if request.is_backfill or state["hold"]:
+            return old
+        return _earliest(state["high"], state["cap"])
+
+    def _item_document(self, project: GitLabProject, kind: str, item: Any,
+                       attrs: dict[str, Any]) -> Document | DocumentIssue:
+        iid = attrs.get("iid")
+        doc_id = self.item_id(project, kind, iid)
+        ref = doc_id.removeprefix(f"{self.name}:")
+        title = f"{ref}: {attrs.get('title') or ''}".strip()
+        if kind == "issue" and is_confidential(attrs) and not self.options.include_confidential:
+            return DocumentIssue(doc_id, "confidential issue (include_confidential is off)",
+                                 "skipped", title)
+        if attrs.get("moved_to_id"):  # the closed original GitLab keeps after a move
+            return DocumentIssue(doc_id, "moved to another project", "skipped", title)
+        try:
+            discussions: list[dict[str, Any]] = []
+            if attrs.get("user_notes_count", 1):  # 0: nothing but system notes, if any
+                discussions = [d.asdict() for d in item.discussions.list(
+                    iterator=True, per_page=100, **self._retries)]
+            render = issue_text if kind == "issue" else merge_request_text
+            text = render(attrs, discussions, project.path, self.options.include_confidential)
+            return Document(
+                id=doc_id, source=self.name, source_type=self.source_type, title=title,
+                text=text, url=attrs.get("web_url") or f"{project.web_url}",
+                updated_at=parse_time(attrs.get("updated_at")) or now_utc(), format="markdown",
+                metadata=item_metadata(attrs, project.path, kind,
+                                       self.options.include_confidential),
+            )
+        except GitlabAuthenticationError as exc:
+            raise ConnectorError(self._message(f"cannot read {ref}", exc)) from None
+        except (GitlabError, requests.RequestException, ValueError, KeyError, TypeError,
+                AttributeError) as exc:
+            return DocumentIssue(doc_id, self._message(f"cannot read {ref}", exc), "failed",
+                                 title)
+
+    def _read_wiki(self, project: GitLabProject, old: Any) -> Iterator[_Event]:
+        """Every wiki page, compared with the hashes in ``old`` (``{slug: hash}``)."""
+        with self._api(f"cannot list the wiki of {project.path}"):
+            pages = [p.asdict() for p in self._project_api(project).wikis.list(
+                with_content=1, iterator=True, **self._retries)]
+        old_hashes = old if isinstance(old, dict) else None
+        new: dict[str, str] = {}
+        for page in sorted(pages, key=lambda p: str(p.get("slug"))):
+            slug = str(page.get("slug"))
+            digest = wiki_hash(page)
+            if old_hashes is not None and old_hashes.get(slug) == digest:
+                new[slug] = digest
+                continue
+            doc_id = self.wiki_id(project, slug)
+            try:
+                text = wiki_text(page)
+            except ValueError as exc:
+                yield "issue", DocumentIssue(doc_id, str(exc), "failed", str(page.get("title")))
+                if old_hashes and slug in old_hashes:
+                    new[slug] = old_hashes[slug]
+                continue
+            new[slug] = digest
+            yield "doc", Document(
+                id=doc_id, source=self.name, source_type=self.source_type,
+                title=f"{project.path} wiki: {page.get('title') or slug}", text=text,
+                url=f"{project.web_url}/-/wikis/{slug}",
+                # the wiki API has no dates: a page's time is when kbsync saw it change
+                updated_at=now_utc(), format=wiki_format(page),  # type: ignore[arg-type]
+                metadata=wiki_metadata(page, project.path),
+            )
+        for slug in sorted((old_hashes or {}).keys() - {str(p.get("slug")) for p in pages}):
+            yield "delete", self.wiki_id(project, slug)
+        return new
+
+    # ---------------------------------------------------------------------- listing
+
+    def list_ids(self) -> Listing:
+        """Every document id the source holds now, across projects and parts.
+
+        A project, part or page that cannot be read makes the listing incomplete
+        (``complete=False``, reason given), so nothing is deleted on its account.
+        """
+        ids: set[str] = set()
+        try:
+            for project, part in self._steps():
+                ids |= self._list_part(project, part)
+        except (ConnectorError, GitlabError, requests.RequestException) as exc:
+            reason = exc.args[0] if isinstance(exc, ConnectorError) else self._message(
+                "listing failed", exc)
+            return Listing(frozenset(ids), complete=False, reason=str(reason))
+        return Listing(frozenset(ids), complete=True)
+
+    def _list_part(self, project: GitLabProject, part: str) -> set[str]:
+        if part == "code":
+            listing = self._git_connector(project).list_ids()
+            if not listing.complete:
+                raise ConnectorError(listing.reason)
+            return set(listing.ids)
+        api = self._project_api(project)
+        what = f"cannot list the {part.replace('_', ' ')} of {project.path}"
+        with self._api(what):
+            if part == "wiki":
+                return {self.wiki_id(project, str(p.slug))
+                        for p in api.wikis.list(iterator=True, **self._retries)}
+            if part == "issues":
+                return {self.item_id(project, "issue", i.iid)
+                        for i in api.issues.list(iterator=True, per_page=100, **self._retries)
+                        if self._listed(i.asdict())}
+            return {self.item_id(project, "merge_request", m.iid)
+                    for m in api.mergerequests.list(iterator=True, per_page=100, view="simple",
+                                                    **self._retries)}
+
+    def _listed(self, issue: dict[str, Any]) -> bool:
+        """Whether an issue is indexed at all (not moved away; confidential only if allowed)."""
+        if issue.get("moved_to_id"):
+            return False
+        return self.options.include_confidential or not is_confidential(issue)
+
+    def close(self) -> None:
+        for conn in self._git.values():
+            conn.close()
+        self._git.clear()
+        if self._gl is not None:
+            self._gl.session.close()
+            self._gl = None
