@@ -22,8 +22,10 @@ the flow's content hash skips what did not change.
 
 Bodies come with the search (``expand=body.storage,...``), so a page costs no request of
 its own; only a result without a body is fetched again by id. Results are paged with the
-API's own ``start``/``limit`` and ``_links.next`` and a checkpoint is written after each
-results page, so a failed run resumes where it stopped. Offset pagination is guarded:
+API's own ``start``/``limit`` and ``_links.next``
+(https://developer.atlassian.com/server/confluence/pagination-in-the-rest-api/) and a
+checkpoint is written after each results page, so a failed run resumes where it stopped.
+Offset pagination is guarded:
 
 * Data Center silently caps ``limit`` when bodies are expanded and still advances
   ``start`` in ``_links.next`` by the requested limit; the next ``start`` is computed
@@ -33,7 +35,9 @@ results page, so a failed run resumes where it stopped. Offset pagination is gua
   paging) and results may have been skipped. They all sort after that result, so the
   new cursor is held at its ``when`` and the next run reads them.
 
-**Faults.** 429 waits for ``Retry-After`` (capped at ``retry_after_max_seconds``), and
+**Faults** (https://developer.atlassian.com/cloud/confluence/rate-limiting/ and
+https://confluence.atlassian.com/doc/configuring-global-rate-limiting-1798635796.html for Data
+Center). 429 waits for ``Retry-After`` (capped at ``retry_after_max_seconds``), and
 so does Server/DC's 403 that says "rate limit"; 5xx and network errors retry with
 exponential backoff (tenacity); when a results page still fails with 5xx, the page
 size is halved down to ``min_page_size``; when retries run out the fetch raises
@@ -336,6 +340,7 @@ class ConfluenceConnector:
         return self._client
 
     def close(self) -> None:
+        """Close the client's HTTP session (a later call builds a new one)."""
         if self._client is not None:
             self._client.close()
             self._client = None
