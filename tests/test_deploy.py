@@ -1,0 +1,421 @@
+"""Deployments, remote embedding on the ``gpu`` work pool, ``kbsync serve``, docker-compose.
+
+The live tests start real parts on 127.0.0.1: ``prefect server start`` (own
+PREFECT_HOME, SQLite, on a free port), a Chroma server (``chroma run``), and process
+workers on the ``cpu`` and ``gpu`` work pools. They register ``deployments/prefect.yaml``
+(the committed file) with ``prefect deploy``; the workers read a kbsync.yaml whose git
+source is called ``kbsync`` like the example's, so the committed deployments apply.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import chromadb
+import pytest
+import yaml
+
+from flows.deployments import deployment_specs, prefect_yaml
+from flows.settings import ConfigError, Settings, load_settings
+from flows.state import StateStore
+from transforms.batches import BatchFormatError, ChunkBatch, batch_to_table, table_to_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+# ----------------------------------------------------------------- no servers needed
+
+
+def test_committed_prefect_yaml_is_written_from_the_example_settings():
+    """deployments/prefect.yaml is what `kbsync deployments` writes for kbsync.example.yaml
+    (rewrite it with `kbsync --config kbsync.example.yaml deployments -o deployments/prefect.yaml`)."""
+    settings = load_settings(ROOT / "kbsync.example.yaml")
+    expected = prefect_yaml(settings, origin="kbsync.example.yaml")
+    assert (ROOT / "deployments" / "prefect.yaml").read_text(encoding="utf-8") == expected
+
+
+def test_deployment_specs_follow_settings():
+    settings = Settings(sources=[
+        {"type": "git", "name": "docs", "url": "/srv/docs"},
+        {"type": "git", "name": "code", "url": "/srv/code", "schedule": "*/15 * * * *"},
+    ], deployments={"sync_all_schedule": "0 3 * * *", "timezone": "Europe/Berlin",
+                    "gpu_pool": "a100"})
+    specs = {s.name: s for s in deployment_specs(settings)}
+    assert list(specs) == ["sync-docs", "sync-code", "sync-all", "backfill", "validate", "embed"]
+    assert specs["sync-docs"].cron == "0 * * * *"          # default: hourly
+    assert specs["sync-code"].cron == "*/15 * * * *"       # the source's own schedule
+    assert specs["sync-code"].parameters == {"source": "code"}
+    assert specs["sync-all"].cron == "0 3 * * *"
+    assert specs["sync-all"].parameters == {"reconcile": True}
+    assert all(specs[n].timezone == "Europe/Berlin" for n in ("sync-docs", "sync-all"))
+    assert [n for n, s in specs.items() if s.one_at_a_time] == ["sync-docs", "sync-code",
+                                                                 "sync-all"]
+    assert specs["backfill"].cron is None and specs["backfill"].parameters == {}
+    assert specs["validate"].entrypoint == "flows/validate.py:validate"
+    assert (specs["embed"].entrypoint, specs["embed"].work_pool) == ("flows/embed.py:embed",
+                                                                     "a100")
+    assert {s.work_pool for n, s in specs.items() if n != "embed"} == {"cpu"}
+
+    document = yaml.safe_load(prefect_yaml(settings))
+    entry = next(d for d in document["deployments"] if d["name"] == "sync-code")
+    assert entry["schedules"] == [{"cron": "*/15 * * * *", "timezone": "Europe/Berlin",
+                                   "active": True}]
+    assert entry["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+    assert document["pull"] == [{"prefect.deployments.steps.set_working_directory": {
+        "directory": "{{ $KBSYNC_PROJECT_DIR }}"}}]
+
+
+def test_invalid_cron_names_the_key():
+    settings = Settings(sources=[{"type": "git", "name": "docs", "url": "/srv/docs",
+                                  "schedule": "every hour"}])
+    with pytest.raises(ConfigError, match=r"sources\[0\] \(docs\)\.schedule.*every hour"):
+        deployment_specs(settings)
+    with pytest.raises(ConfigError, match="deployments.sync_all_schedule"):
+        deployment_specs(Settings(deployments={"sync_all_schedule": "61 * * * *"}))
+
+
+def test_batch_round_trips_through_arrow():
+    batch = ChunkBatch(source="docs", model="m")
+    batch.add("c1", "Привет, world", {"doc_id": "docs:a", "n": 1, "x": 1.5, "ok": True})
+    batch.update("c2", {"doc_id": "docs:b", "title": "B"})
+    batch.delete_ids.append("c3")
+    batch.delete_doc_ids.append("docs:gone")
+    table = batch_to_table(batch)
+    assert table.column_names == ["op", "id", "text", "metadata"]
+    assert table.column("op").to_pylist() == ["add", "update", "delete", "delete_doc"]
+    assert table_to_batch(table) == batch
+
+    wrong = table.replace_schema_metadata({b"kbsync.batch.version": b"99"})
+    with pytest.raises(BatchFormatError, match="version 99"):
+        table_to_batch(wrong)
+
+
+# ----------------------------------------------------------------- the live stack
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str, procs: list[subprocess.Popen] = ()) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise AssertionError(f"{what}: process {proc.args[:3]} exited {proc.returncode}")
+        try:
+            value = check()
+        except Exception:  # noqa: BLE001 - not ready yet
+            value = None
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class Stack:
+    """Prefect server, Chroma server and workers as real processes, logs under ``logs``."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.logs = base / "logs"
+        self.logs.mkdir(parents=True)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._client = None
+        self.api_port, self.chroma_port = free_port(), free_port()
+        self.api_url = f"http://127.0.0.1:{self.api_port}/api"
+        self.chroma_url = f"http://127.0.0.1:{self.chroma_port}"
+        self.config = base / "kbsync.yaml"
+        self.staging = base / "staging"
+        self.data = base / "data"
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("PREFECT_", "KBSYNC_"))}
+        env.update({
+            "PREFECT_HOME": str(base / "prefect-home"),
+            "PREFECT_API_URL": self.api_url,
+            "PREFECT_SERVER_API_HOST": "127.0.0.1",
+            "PREFECT_SERVER_API_PORT": str(self.api_port),
+            "PREFECT_API_DATABASE_CONNECTION_URL":
+                f"sqlite+aiosqlite:///{base / 'prefect.db'}",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "1",
+            "PREFECT_LOGGING_LEVEL": "INFO",
+            # the deployments carry cron schedules; no scheduled run may start mid-test
+            "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+            "HF_HUB_OFFLINE": "1",
+            "KBSYNC_CONFIG": str(self.config),
+            "KBSYNC_PROJECT_DIR": str(ROOT),
+            "PYTHONPATH": str(ROOT),
+        })
+        self.env = env
+
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        self.procs[name] = subprocess.Popen(
+            list(args), cwd=ROOT, env={**self.env, **(env or {})}, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self, name: str) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    def prefect(self, *args: str, timeout: float = 180) -> str:
+        result = subprocess.run([str(BIN / "prefect"), *args], cwd=ROOT, env=self.env,
+                                capture_output=True, text=True, timeout=timeout)
+        assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+        return result.stdout
+
+    def kbsync(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flows.cli", "--config", str(self.config),
+                               *args], cwd=ROOT, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def start_worker(self, pool: str) -> None:
+        self.start(f"worker-{pool}", str(BIN / "prefect"), "worker", "start", "--pool", pool,
+                   "--type", "process", "--name", f"test-{pool}")
+        wait_for(lambda: any(w.name == f"test-{pool}" and w.status == "ONLINE"
+                             for w in self.client().read_workers_for_work_pool(pool)),
+                 120, f"the {pool} worker", [self.procs[f"worker-{pool}"]])
+
+    def client(self):
+        """A client of this stack's server (whatever server the test session uses)."""
+        if self._client is None:
+            from prefect.client.orchestration import SyncPrefectClient
+
+            self._client = SyncPrefectClient(self.api_url)
+            self._client.__enter__()
+        return self._client
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+        if self._client is not None:
+            self._client.__exit__(None, None, None)
+
+    def tail(self) -> str:
+        return "\n".join(f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:]
+                         for p in sorted(self.logs.glob("*.log")))
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Iterator[Stack]:
+    import git
+
+    base = tmp_path_factory.mktemp("stack")
+    st = Stack(base)
+    repo_dir = base / "repo"
+    repo = git.Repo.init(repo_dir, initial_branch="main")
+    with repo.config_writer() as cfg:
+        cfg.set_value("user", "name", "Test Author")
+        cfg.set_value("user", "email", "author@example.com")
+    st.repo = repo
+    commit(st, {"README.md": "# Billing\n\nInvoices are issued on the first working day of "
+                             "each month and paid within thirty days.\n",
+                "docs/refunds.md": "# Refunds\n\nRefunds above 500 EUR need a second "
+                                   "approver from the finance team.\n"})
+    st.config.write_text(yaml.safe_dump({
+        "data_dir": str(st.data),
+        "chroma": {"url": st.chroma_url, "collection": "deploytest"},
+        "embedding": {"mode": "remote", "staging": str(st.staging),
+                      "remote_poll_seconds": 0.5, "remote_timeout_seconds": 300},
+        "sync": {"fetch_retries": 0},
+        "sources": [{"type": "git", "name": "kbsync", "url": str(repo_dir)}],
+    }))
+    try:
+        st.start("chroma", str(BIN / "chroma"), "run", "--path", str(base / "chroma"),
+                 "--host", "127.0.0.1", "--port", str(st.chroma_port))
+        st.start("server", str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                 "--port", str(st.api_port))
+        wait_for(lambda: chromadb.HttpClient(host="127.0.0.1", port=st.chroma_port)
+                 .heartbeat(), 60, "the Chroma server", [st.procs["chroma"]])
+        wait_for(lambda: st.client().api_healthcheck() is None, 180, "the Prefect server",
+                 [st.procs["server"]])
+        st.prefect("work-pool", "create", "cpu", "--type", "process")
+        st.prefect("work-pool", "create", "gpu", "--type", "process")
+        # the committed file; validate's flow is deployed with --all once flows/validate.py
+        # exists, here the deployments these tests run are named
+        st.prefect("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml",
+                   "--name", "sync-kbsync", "--name", "sync-all", "--name", "backfill",
+                   "--name", "embed")
+        st.start_worker("cpu")
+        st.start_worker("gpu")
+        yield st
+    except BaseException:
+        print(st.tail())
+        raise
+    finally:
+        st.close()
+
+
+def commit(st: Stack, files: dict[str, str]) -> str:
+    for rel, text in files.items():
+        path = Path(st.repo.working_dir) / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    st.repo.index.add(list(files))
+    return st.repo.index.commit("change").hexsha
+
+
+def deployment(st: Stack, name: str):
+    return st.client().read_deployment_by_name(name)
+
+
+def run_deployment_now(st: Stack, name: str, **parameters: Any):
+    return st.client().create_flow_run_from_deployment(deployment(st, name).id,
+                                                       parameters=parameters)
+
+
+def wait_final(st: Stack, run_id: UUID, timeout: float = 240):
+    client = st.client()
+    try:
+        return wait_for(lambda: (r := client.read_flow_run(run_id)).state.is_final() and r,
+                        timeout, f"flow run {run_id}")
+    except AssertionError:
+        print(st.tail())
+        raise
+
+
+def runs_of(st: Stack, name: str) -> list:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    dep = deployment(st, name)
+    return st.client().read_flow_runs(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+
+
+def chroma_docs(st: Stack) -> dict[str, int]:
+    col = chromadb.HttpClient(host="127.0.0.1", port=st.chroma_port).get_collection("deploytest")
+    counts: dict[str, int] = {}
+    for meta in col.get(include=["metadatas"])["metadatas"]:
+        counts[meta["doc_id"]] = counts.get(meta["doc_id"], 0) + 1
+    return counts
+
+
+def state_store(st: Stack) -> StateStore:
+    return StateStore(f"sqlite:///{st.data / 'state.db'}")
+
+
+def test_deployments_carry_schedules_limits_and_pools(stack):
+    sync = deployment(stack, "sync-source/sync-kbsync")
+    assert [s.schedule.cron for s in sync.schedules] == ["0 * * * *"]
+    assert sync.schedules[0].schedule.timezone == "UTC" and sync.schedules[0].active
+    assert sync.global_concurrency_limit.limit == 1
+    assert sync.concurrency_options.collision_strategy == "CANCEL_NEW"
+    assert sync.parameters == {"source": "kbsync"} and sync.work_pool_name == "cpu"
+    assert sync.entrypoint == "flows/sync.py:sync_source"
+
+    nightly = deployment(stack, "sync-all/sync-all")
+    assert [s.schedule.cron for s in nightly.schedules] == ["30 2 * * *"]
+    assert nightly.parameters == {"reconcile": True}
+    assert nightly.concurrency_options.collision_strategy == "CANCEL_NEW"
+
+    backfill = deployment(stack, "sync-source/backfill")
+    assert backfill.schedules == [] and backfill.global_concurrency_limit is None
+    assert set(backfill.parameter_openapi_schema["properties"]) >= {"source", "since", "until",
+                                                                   "full"}
+    embed = deployment(stack, "embed/embed")
+    assert embed.work_pool_name == "gpu" and embed.schedules == []
+
+
+def test_sync_embeds_on_the_gpu_pool_and_moves_the_cursor(stack):
+    run = run_deployment_now(stack, "sync-source/sync-kbsync")
+    done = wait_final(stack, run.id)
+    assert done.state.is_completed(), (done.state, stack.tail())
+    assert done.work_pool_name == "cpu"
+
+    embeds = runs_of(stack, "embed/embed")
+    assert embeds, "the sync ran no embed deployment"
+    assert all(r.state.is_completed() and r.work_pool_name == "gpu" for r in embeds)
+    parent = stack.client().read_task_run(embeds[0].parent_task_run_id)
+    assert parent.flow_run_id == run.id  # shown as a subflow of the sync in the UI
+    assert embeds[0].parameters["batch_url"].startswith(f"file://{stack.staging}")
+
+    assert set(chroma_docs(stack)) == {"kbsync:README.md", "kbsync:docs/refunds.md"}
+    assert not list(stack.staging.rglob("*.parquet")), "staged batches must be removed"
+    state = state_store(stack).get("kbsync")
+    assert state.cursor == {"commit": stack.repo.head.commit.hexsha}
+
+
+def test_second_concurrent_sync_of_a_source_is_cancelled(stack):
+    commit(stack, {"docs/travel.md": "# Travel\n\nBook trains for trips under 600 km; flights "
+                                     "need the manager's approval.\n"})
+    first = run_deployment_now(stack, "sync-source/sync-kbsync")
+    second = run_deployment_now(stack, "sync-source/sync-kbsync")
+    finals = [wait_final(stack, first.id), wait_final(stack, second.id)]
+    states = sorted(r.state.type.value for r in finals)
+    assert states == ["CANCELLED", "COMPLETED"], [(r.state, r.state.message) for r in finals]
+    cancelled = next(r for r in finals if r.state.is_cancelled())
+    assert "concurrency limit" in (cancelled.state.message or "").lower()
+    assert "kbsync:docs/travel.md" in chroma_docs(stack)
+
+
+def test_backfill_deployment_from_the_cli(stack):
+    result = stack.kbsync("backfill", "kbsync", "--since", "2020-01-01", "--deployment")
+    assert result.returncode == 0, result.stdout + result.stderr
+    ui = f"http://127.0.0.1:{stack.api_port}/runs/flow-run/"
+    match = re.search(re.escape(ui) + r"([0-9a-f-]{36})", result.stdout)
+    assert match, result.stdout
+    done = wait_final(stack, UUID(match.group(1)))
+    assert done.state.is_completed(), done.state
+    assert done.deployment_id == deployment(stack, "sync-source/backfill").id
+    assert done.parameters == {"source": "kbsync", "since": "2020-01-01", "until": None}
+    assert done.work_pool_name == "cpu"
+    # a backfill never moves the cursor; everything it read was indexed already
+    assert state_store(stack).get("kbsync").cursor == {"commit": stack.repo.head.commit.hexsha}
+
+
+@pytest.mark.slow
+def test_failed_embed_run_keeps_the_batch_and_the_cursor(stack):
+    """With no gpu worker the embed run never starts: the sync gives up after
+    remote_timeout_seconds, cancels it, keeps the staged file and does not move the
+    cursor; the next sync (worker back) indexes the change."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    before = state_store(stack).get("kbsync").cursor
+    commit(stack, {"docs/expenses.md": "# Expenses\n\nReceipts older than ninety days are not "
+                                       "reimbursed.\n"})
+    stack.stop("worker-gpu")
+    run = run_deployment_now(stack, "sync-source/sync-kbsync",
+                             overrides={"embedding": {"remote_timeout_seconds": 8}})
+    done = wait_final(stack, run.id)
+    assert done.state.is_failed(), done.state
+    kept = list(stack.staging.rglob("*.parquet"))
+    assert len(kept) == 1
+    assert state_store(stack).get("kbsync").cursor == before
+    assert "kbsync:docs/expenses.md" not in chroma_docs(stack)
+    logs = stack.client().read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+    assert any(str(kept[0]) in log.message and "kept" in log.message for log in logs)
+    abandoned = [r for r in runs_of(stack, "embed/embed") if r.parameters["batch_url"]
+                 .endswith(kept[0].name)]
+    assert [r.state.type.value for r in abandoned] == ["CANCELLED"]
+
+    stack.start_worker("gpu")
+    again = wait_final(stack, run_deployment_now(stack, "sync-source/sync-kbsync").id)
+    assert again.state.is_completed(), again.state
+    assert "kbsync:docs/expenses.md" in chroma_docs(stack)
+    assert list(stack.staging.rglob("*.parquet")) == kept  # the failed one stays for inspection
+    assert state_store(stack).get("kbsync").cursor == {"commit": stack.repo.head.commit.hexsha}
+    shutil.rmtree(stack.staging)
