@@ -102,6 +102,110 @@ def test_batch_round_trips_through_arrow():
         table_to_batch(wrong)
 
 
+# ----------------------------------------------------------------- docker-compose
+
+COMPOSE = ROOT / "docker-compose.yml"
+ONE_SHOT = {"ollama-pull", "deploy"}
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+
+
+def test_compose_services_healthchecks_and_start_order():
+    doc = compose()
+    services = doc["services"]
+    assert set(services) == {"postgres", "prefect-server", "chroma", "ollama", "ollama-pull",
+                             "deploy", "worker-cpu", "worker-gpu"}
+    for name, svc in services.items():
+        if name not in ONE_SHOT:
+            test = svc["healthcheck"]["test"]
+            assert test[0] in ("CMD", "CMD-SHELL") and len(test) > 1, name
+            assert svc.get("restart") == "unless-stopped", name
+        else:
+            assert svc.get("restart") == "no", name
+        for dep, cond in (svc.get("depends_on") or {}).items():
+            assert dep in services, (name, dep)
+            wanted = ("service_completed_successfully" if dep in ONE_SHOT
+                      else "service_healthy")
+            assert cond == {"condition": wanted}, (name, dep, cond)
+    for worker in ("worker-cpu", "worker-gpu"):
+        deps = services[worker]["depends_on"]
+        assert {"postgres", "prefect-server", "chroma", "deploy"} <= set(deps), worker
+    assert services["ollama-pull"]["depends_on"] == {"ollama": {"condition": "service_healthy"}}
+    assert "deepseek" in " ".join(services["ollama-pull"]["entrypoint"])
+    assert services["prefect-server"]["depends_on"] == {
+        "postgres": {"condition": "service_healthy"}}
+
+
+def test_compose_prefect_chroma_workers_and_volumes():
+    doc = compose()
+    services = doc["services"]
+    server = services["prefect-server"]
+    env = server["environment"]
+    assert env["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
+    assert "@postgres:5432/" in env["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    assert server["ports"] == ["${PREFECT_PORT:-4200}:4200"]
+    assert services["chroma"]["volumes"] == ["chroma:/data"]
+    assert "ollama:/root/.ollama" in services["ollama"]["volumes"]
+    assert {"postgres", "chroma", "ollama", "kbsync-data", "kbsync-staging"} <= set(doc["volumes"])
+
+    cpu, gpu = services["worker-cpu"], services["worker-gpu"]
+    assert cpu["build"]["dockerfile"] == "deployments/Dockerfile"
+    assert gpu["build"]["dockerfile"] == "deployments/Dockerfile.gpu"
+    assert cpu["command"][:5] == ["prefect", "worker", "start", "--pool", "cpu"]
+    assert gpu["command"][:5] == ["prefect", "worker", "start", "--pool", "gpu"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    for worker in (cpu, gpu):
+        wenv = worker["environment"]
+        assert wenv["KBSYNC_STATE_URL"].startswith("postgresql+psycopg://")
+        assert wenv["KBSYNC_CHROMA__URL"] == "http://chroma:8000"
+        assert wenv["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+        assert wenv["KBSYNC_EMBEDDING__STAGING"] == "/staging"
+        assert "kbsync-staging:/staging" in worker["volumes"]  # the hand-over is shared
+        assert wenv["KBSYNC_LLM__BASE_URL"] == "http://ollama:11434/v1"
+    # both Dockerfiles copy every package the distribution declares
+    packages = yaml.safe_load("[" + re.search(r'packages = \[(.*?)\]', (
+        ROOT / "pyproject.toml").read_text()).group(1) + "]")
+    for dockerfile in ("Dockerfile", "Dockerfile.gpu"):
+        text = (ROOT / "deployments" / dockerfile).read_text()
+        assert all(f"COPY {p} ./{p}" in text for p in packages), dockerfile
+        assert "KBSYNC_PROJECT_DIR=/opt/kbsync" in text and "WORKDIR /opt/kbsync" in text
+
+
+def test_env_example_documents_every_compose_variable():
+    text = re.sub(r"(^|\s)#.*$", "", COMPOSE.read_text(), flags=re.MULTILINE)  # comments
+    used = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", text))
+    documented = set(re.findall(r"^([A-Z_][A-Z0-9_]*)=", (ROOT / ".env.example").read_text(),
+                                re.MULTILINE))
+    assert used - documented == set()
+    assert documented - used == set()
+
+
+def _compose_client() -> list[str] | None:
+    for cmd in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(cmd[0]) is None:
+            continue
+        probe = subprocess.run([*cmd, "version"], capture_output=True, text=True)
+        if probe.returncode == 0 and "v2" in probe.stdout + probe.stderr:
+            return cmd
+    return None
+
+
+def test_docker_compose_config_passes(tmp_path):
+    cmd = _compose_client()
+    if cmd is None:
+        pytest.skip("no Docker Compose v2 client here (docker compose / docker-compose)")
+    (tmp_path / "kbsync.yaml").write_text((ROOT / "kbsync.example.yaml").read_text())
+    result = subprocess.run(
+        [*cmd, "-f", str(COMPOSE), "--env-file", str(ROOT / ".env.example"), "config",
+         "--quiet"], capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, "KBSYNC_CONFIG_FILE": str(tmp_path / "kbsync.yaml")})
+    assert result.returncode == 0, result.stderr
+
+
 # ----------------------------------------------------------------- the live stack
 
 
