@@ -523,3 +523,53 @@ def test_failed_embed_run_keeps_the_batch_and_the_cursor(stack):
     assert list(stack.staging.rglob("*.parquet")) == kept  # the failed one stays for inspection
     assert state_store(stack).get("kbsync").cursor == {"commit": stack.repo.head.commit.hexsha}
     shutil.rmtree(stack.staging)
+
+
+@pytest.mark.slow
+def test_serve_registers_schedules_and_runs_flows(make_repo, tmp_path):
+    """`kbsync serve` against the session's Prefect server: deployments with their cron
+    schedules and limits appear, and a run of a served sync completes in-process."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    repo = make_repo({"guide.md": "# Guide\n\nRotate the signing keys every ninety days.\n"})
+    config = tmp_path / "kbsync.yaml"
+    config.write_text(yaml.safe_dump({
+        "data_dir": str(tmp_path / "data"),
+        "sources": [{"type": "git", "name": "served", "url": str(repo.path),
+                     "schedule": "0 0 1 1 *"}],
+        "deployments": {"sync_all_schedule": "15 0 1 1 *"},
+    }))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "KBSYNC_"))}
+    env.update({"PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(ROOT),
+                "PREFECT_HOME": str(tmp_path / "prefect-home"), "HF_HUB_OFFLINE": "1",
+                "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "--config", str(config), "serve", "sync-served",
+             "sync-all", "backfill", "embed"], cwd=ROOT, env=env, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with get_client(sync_client=True) as client:
+            dep = wait_for(lambda: client.read_deployment_by_name("sync-source/sync-served"),
+                           120, "the served deployment", [proc])
+            assert [s.schedule.cron for s in dep.schedules] == ["0 0 1 1 *"]
+            assert dep.concurrency_options.collision_strategy == "CANCEL_NEW"
+            assert dep.global_concurrency_limit.limit == 1
+            assert dep.entrypoint == "flows.sync.sync_source"
+            assert dep.parameters == {"source": "served", "config_path": str(config)}
+            nightly = client.read_deployment_by_name("sync-all/sync-all")
+            assert [s.schedule.cron for s in nightly.schedules] == ["15 0 1 1 *"]
+
+            run = client.create_flow_run_from_deployment(dep.id)
+            done = wait_for(lambda: (r := client.read_flow_run(run.id)).state.is_final() and r,
+                            240, "the served run", [proc])
+            assert done.state.is_completed(), (done.state, log.read_text()[-3000:])
+        col = chromadb.PersistentClient(path=str(tmp_path / "data" / "chroma")) \
+            .get_collection("kbsync")
+        assert {m["doc_id"] for m in col.get(include=["metadatas"])["metadatas"]} == {
+            "served:guide.md"}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
