@@ -102,6 +102,84 @@ def test_batch_round_trips_through_arrow():
         table_to_batch(wrong)
 
 
+# ----------------------------------------------------------------- embed flow in-process
+
+
+def in_flow(fn, *args, **kwargs):
+    from prefect import flow
+
+    @flow(name="test-remote")
+    def _flow():
+        return fn(*args, **kwargs)
+
+    return _flow()
+
+
+def test_embed_flow_applies_a_staged_batch(tmp_path, embedder):
+    from connectors.lexical import LexicalIndex
+    from connectors.staging import BatchStaging
+    from flows.embed import embed
+
+    overrides = {"data_dir": str(tmp_path / "data")}
+    staging = BatchStaging(str(tmp_path / "staging"))
+    batch = ChunkBatch(source="docs", model=embedder.name)
+    for i, text in enumerate(["Rotate the signing keys every ninety days.",
+                              "Backups are restored monthly in a drill."]):
+        batch.add(f"docs:a#{i}", text, {"doc_id": "docs:a", "doc_hash": "h", "chunk_count": 2,
+                                        "chunk_index": i, "source": "docs", "title": "A"})
+    first = embed(staging.write(batch_to_table(batch), "docs"), overrides=overrides)
+    assert first["chunks_embedded"] == 2 and first["device"] == "cpu"
+    col = chromadb.PersistentClient(path=str(tmp_path / "data" / "chroma")).get_collection(
+        "kbsync")
+    got = col.get(ids=["docs:a#0"], include=["embeddings", "documents"])
+    assert got["documents"] == ["Rotate the signing keys every ninety days."]
+    expected = embedder.encode(["Rotate the signing keys every ninety days."])[0]
+    assert abs(float(got["embeddings"][0] @ expected) - 1.0) < 1e-4
+    lexical = LexicalIndex(tmp_path / "data" / "lexical.db")
+    assert [h.chunk_id for h in lexical.search("signing keys", k=5)] == ["docs:a#0"]
+    lexical.close()
+
+    gone = ChunkBatch(source="docs", model=embedder.name, delete_doc_ids=["docs:a"])
+    second = embed(staging.write(batch_to_table(gone), "docs"), overrides=overrides)
+    assert second["documents_deleted"] == 1 and second["device"] is None  # no model loaded
+    assert col.count() == 0
+
+
+def test_embed_flow_refuses_a_batch_for_another_model(tmp_path):
+    from connectors.chroma import EmbeddingModelMismatch
+    from connectors.staging import BatchStaging
+    from flows.embed import embed
+
+    batch = ChunkBatch(source="docs", model="intfloat/multilingual-e5-base")
+    batch.add("docs:a#0", "text", {"doc_id": "docs:a"})
+    url = BatchStaging(str(tmp_path / "staging")).write(batch_to_table(batch), "docs")
+    with pytest.raises(EmbeddingModelMismatch, match="multilingual-e5-base"):
+        embed(url, overrides={"data_dir": str(tmp_path / "data")})
+    assert not (tmp_path / "data" / "chroma").exists() or chromadb.PersistentClient(
+        path=str(tmp_path / "data" / "chroma")).list_collections() == []
+
+
+def test_remote_mode_without_the_embed_deployment_keeps_the_batch_and_cursor(
+        make_repo, make_settings, tmp_path, embedder):
+    from connectors.staging import read_batch_table
+    from flows.embed import RemoteEmbedError
+    from flows.sync import run_sync
+
+    repo = make_repo({"a.md": "# Alpha\n\nThe alpha service owns invoices.\n"})
+    staging = tmp_path / "staging"
+    settings = make_settings(repo, embedding={"mode": "remote", "staging": str(staging),
+                                              "deployment": "embed/not-registered"})
+    with pytest.raises(RemoteEmbedError, match="embed/not-registered.*does not exist") as err:
+        in_flow(run_sync, settings, "src0")
+    kept = list(staging.rglob("*.parquet"))
+    assert len(kept) == 1 and str(kept[0]) in str(err.value)
+    staged = table_to_batch(read_batch_table(str(kept[0])))
+    assert staged.model == embedder.name and staged.source == "src0"
+    assert {m["doc_id"] for m in staged.add_metadatas} == {"src0:a.md"}
+    state = StateStore(settings.resolved_state_url).get("src0")
+    assert state.cursor is None and state.last_status == "failed"
+
+
 # ----------------------------------------------------------------- docker-compose
 
 COMPOSE = ROOT / "docker-compose.yml"
