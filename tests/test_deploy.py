@@ -102,6 +102,38 @@ def test_batch_round_trips_through_arrow():
         table_to_batch(wrong)
 
 
+def test_cli_deployments_serve_and_backfill_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    config = tmp_path / "kbsync.yaml"
+    config.write_text("sources:\n  - type: git\n    name: handbook\n    url: /srv/handbook\n"
+                      "    schedule: '5 * * * *'\n")
+    runner = CliRunner()
+    printed = runner.invoke(app, ["--config", str(config), "deployments"])
+    assert printed.exit_code == 0, printed.output
+    document = yaml.safe_load(printed.output)
+    assert [d["name"] for d in document["deployments"]][0] == "sync-handbook"
+    assert document["deployments"][0]["schedules"][0]["cron"] == "5 * * * *"
+    written = runner.invoke(app, ["--config", str(config), "deployments", "-o",
+                                  str(tmp_path / "out" / "prefect.yaml")])
+    assert written.exit_code == 0
+    assert (tmp_path / "out" / "prefect.yaml").read_text() == printed.output
+
+    unknown = runner.invoke(app, ["--config", str(config), "serve", "sync-nothing"])
+    assert unknown.exit_code == 2 and "unknown deployment(s) sync-nothing" in unknown.output
+
+    # the session's Prefect server has no backfill deployment registered
+    missing = runner.invoke(app, ["--config", str(config), "backfill", "handbook", "--since",
+                                  "2024-01-01", "--deployment"])
+    assert missing.exit_code == 1
+    assert "deployment sync-source/backfill not found" in missing.output
+    bad_source = runner.invoke(app, ["--config", str(config), "backfill", "nope", "--since",
+                                     "2024-01-01", "--deployment"])
+    assert bad_source.exit_code == 2 and "unknown source 'nope'" in bad_source.output
+
+
 # ----------------------------------------------------------------- embed flow in-process
 
 
@@ -392,8 +424,16 @@ class Stack:
         return self._client
 
     def close(self) -> None:
-        for name in list(self.procs):
-            self.stop(name)
+        running = [p for p in self.procs.values() if p.poll() is None]
+        for proc in running:  # all at once: each takes a few seconds to shut down
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in running:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        self.procs.clear()
         if self._client is not None:
             self._client.__exit__(None, None, None)
 
