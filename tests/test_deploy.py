@@ -677,7 +677,9 @@ def test_serve_registers_schedules_and_runs_flows(make_repo, tmp_path):
             assert dep.global_concurrency_limit.limit == 1
             assert dep.entrypoint == "flows.sync.sync_source"
             assert dep.parameters == {"source": "served", "config_path": str(config)}
-            nightly = client.read_deployment_by_name("sync-all/sync-all")
+            # served deployments are registered one after the other
+            nightly = wait_for(lambda: client.read_deployment_by_name("sync-all/sync-all"),
+                               60, "the served sync-all", [proc])
             assert [s.schedule.cron for s in nightly.schedules] == ["15 0 1 1 *"]
 
             run = client.create_flow_run_from_deployment(dep.id)
