@@ -212,6 +212,21 @@ def test_remote_mode_without_the_embed_deployment_keeps_the_batch_and_cursor(
     assert state.cursor is None and state.last_status == "failed"
 
 
+def test_reconcile_parameter_reconciles_when_not_due(make_repo, make_settings, embedder):
+    """What the nightly sync-all deployment asks for (``reconcile: true``)."""
+    from flows.sync import run_sync
+
+    repo = make_repo({"keep.md": "keep me\n", "drafts/x.md": "draft\n"})
+    never = {"reconcile_every": 0, "fetch_retries": 0}
+    in_flow(run_sync, make_settings(repo, sync=never), "src0")
+    narrowed = make_settings(repo, source={"exclude": ["drafts/"]}, sync=never)
+    plain = in_flow(run_sync, narrowed, "src0")
+    assert not plain.reconciled and plain.documents_deleted == 0
+    forced = in_flow(run_sync, narrowed, "src0", reconcile=True)
+    assert forced.reconciled and forced.documents_deleted == 1
+    assert forced.mode == "incremental"
+
+
 # ----------------------------------------------------------------- docker-compose
 
 COMPOSE = ROOT / "docker-compose.yml"
