@@ -2,9 +2,11 @@
 
 Commands:
     kbsync sync [SOURCE...] [--full] [--repo PATH_OR_URL [--name NAME]]
-    kbsync backfill SOURCE --since DATE [--until DATE]
+    kbsync backfill SOURCE --since DATE [--until DATE] [--deployment]
     kbsync status
     kbsync query TEXT [-k N] [--source S]
+    kbsync deployments [--output PATH]      prefect.yaml for `prefect deploy`
+    kbsync serve [DEPLOYMENT...]            serve the deployments with their schedules
 
 Global options (before the command): ``--config PATH`` (else ``$KBSYNC_CONFIG``, else
 ``./kbsync.yaml``) and ``--data-dir PATH``.
@@ -206,6 +208,10 @@ def backfill(
     source: Annotated[str, typer.Argument(help="source name")],
     since: Annotated[str, typer.Option("--since", help="start of the window (ISO date/time, UTC)")],
     until: Annotated[str | None, typer.Option("--until", help="end of the window")] = None,
+    deployment: Annotated[bool, typer.Option(
+        "--deployment", help="run it as the `backfill` deployment on the Prefect server "
+                             "(PREFECT_API_URL): shown in the UI, run by a worker; prints "
+                             "the run's URL and returns without waiting")] = False,
 ) -> None:
     """Re-ingest what changed in a time window, without moving the cursor."""
     from datetime import datetime
@@ -216,7 +222,13 @@ def backfill(
                 datetime.fromisoformat(value)
             except ValueError:
                 raise _fail(f"{label} {value!r} is not an ISO 8601 date or time", 2) from None
-    _settings().source(source)
+    settings = _settings()
+    if deployment:
+        if settings.sources:  # the workers' settings decide; check here when we have some
+            settings.source(source)
+        _run_backfill_deployment(source, since, until)
+        return
+    settings.source(source)
     from flows.sync import sync_source
 
     summary = _run_with_progress(
@@ -224,6 +236,74 @@ def backfill(
         config_path=str(OPTIONS.config) if OPTIONS.config else None, overrides=_overrides())
     console.print(_summary_table([summary]))
     _exit_for([summary])
+
+
+def _run_backfill_deployment(source: str, since: str, until: str | None) -> None:
+    """Create a run of the ``backfill`` deployment and print its URL (no waiting)."""
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+    from prefect.utilities.urls import url_for
+
+    from flows.deployments import BACKFILL_DEPLOYMENT
+
+    if not PREFECT_API_URL.value():
+        raise _fail("--deployment needs a Prefect server: set PREFECT_API_URL "
+                    "(e.g. http://127.0.0.1:4200/api)", 2)
+    try:
+        run = run_deployment(BACKFILL_DEPLOYMENT, timeout=0, as_subflow=False,
+                             parameters={"source": source, "since": since, "until": until})
+    except ObjectNotFound:
+        raise _fail(f"deployment {BACKFILL_DEPLOYMENT} not found on {PREFECT_API_URL.value()}: "
+                    "register the deployments first (prefect deploy --prefect-file "
+                    "deployments/prefect.yaml --all)") from None
+    console.print(f"backfill of {source} scheduled: flow run {run.name} ({run.id})",
+                  highlight=False)
+    console.print(url_for(run) or f"flow run id {run.id}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@handle_errors
+def deployments(
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="write the prefect.yaml here (default: print it)")] = None,
+) -> None:
+    """The Prefect deployments of the configured sources, as a prefect.yaml for
+    `prefect deploy --prefect-file PATH --all`."""
+    from flows.deployments import prefect_yaml
+    from flows.settings import config_path
+
+    settings = _settings()
+    origin = config_path(OPTIONS.config)
+    text = prefect_yaml(settings, origin=origin.name if origin else "the environment")
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text, encoding="utf-8")
+    err_console.print(f"wrote {output}: register with `prefect deploy --prefect-file "
+                      f"{output} --all`", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@handle_errors
+def serve(
+    names: Annotated[list[str] | None, typer.Argument(
+        help="deployments to serve (default: all)")] = None,
+    limit: Annotated[int | None, typer.Option(
+        "--limit", min=1, help="most runs at once (default: no limit)")] = None,
+) -> None:
+    """Serve the deployments with their cron schedules from this process (runs show in
+    the Prefect UI of PREFECT_API_URL); stop with Ctrl-C."""
+    from prefect import serve as prefect_serve
+
+    from flows.deployments import served_deployments
+
+    settings = _settings()
+    overrides = {"data_dir": str(OPTIONS.data_dir.resolve())} if OPTIONS.data_dir else None
+    served = served_deployments(settings, names, config_path=OPTIONS.config,
+                                overrides=overrides)
+    prefect_serve(*served, limit=limit)
 
 
 @app.command()

@@ -60,12 +60,28 @@ class ChromaSettings(_Model):
 
 
 class EmbeddingSettings(_Model):
-    """The sentence-transformers model that turns chunks into vectors."""
+    """The sentence-transformers model that turns chunks into vectors, and where it runs.
+
+    ``mode: local`` (default) embeds in the sync's own process. ``mode: remote`` hands
+    each page's batch to the ``embed`` deployment (the ``gpu`` work pool) as a Parquet
+    file under ``staging`` and waits for that run; see ``flows.embed``.
+    """
 
     model: str = DEFAULT_MODEL
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     batch_size: int = Field(64, ge=1, le=4096)
     offline: bool = Field(True, description="never reach the Hugging Face hub")
+    mode: Literal["local", "remote"] = Field(
+        "local", description="local: embed in-process; remote: run the embed deployment")
+    staging: str | None = Field(
+        None, description="remote mode: where batches are staged, a path or any fsspec URL "
+                          "(s3://bucket/kbsync, ...); default <data_dir>/staging")
+    deployment: str = Field("embed/embed", description="remote mode: the embed deployment, "
+                                                       "as flow-name/deployment-name")
+    remote_timeout_seconds: float | None = Field(
+        3600.0, gt=0, description="remote mode: how long to wait for one embed run")
+    remote_poll_seconds: float = Field(
+        2.0, gt=0, description="remote mode: how often to ask the server for the run's state")
 
     def spec(self) -> EmbedderSpec:
         return EmbedderSpec(model=self.model, device=self.device, batch_size=self.batch_size,
@@ -111,6 +127,22 @@ class SyncSettings(_Model):
     fetch_retry_delay_seconds: float = Field(5.0, ge=0)
     reconcile_every: int = Field(
         24, ge=0, description="reconcile deletions every N syncs of a source (0 = only --full)")
+
+
+class DeploymentSettings(_Model):
+    """Prefect deployments written by ``kbsync deployments`` and served by ``kbsync serve``.
+
+    Cron strings are Prefect cron schedules (5 fields, evaluated in ``timezone``).
+    """
+
+    cpu_pool: str = Field("cpu", description="work pool for fetching and chunking")
+    gpu_pool: str = Field("gpu", description="work pool of the embed deployment")
+    sync_schedule: str = Field("0 * * * *", description="cron of sync-<source> deployments "
+                                                         "whose source sets no schedule")
+    sync_all_schedule: str | None = Field(
+        "30 2 * * *", description="cron of the nightly sync-all with reconciliation")
+    validate_schedule: str | None = Field(None, description="cron of the validate deployment")
+    timezone: str = Field("UTC", description="time zone the cron schedules are read in")
 
 
 class GitSource(_Model):
@@ -306,6 +338,7 @@ class Settings(BaseSettings):
     sync: SyncSettings = Field(default_factory=SyncSettings)
     lexical: LexicalSettings = Field(default_factory=LexicalSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    deployments: DeploymentSettings = Field(default_factory=DeploymentSettings)
     sources: list[SourceSettings] = Field(default_factory=list)
 
     @field_validator("sources")
@@ -333,6 +366,12 @@ class Settings(BaseSettings):
     @property
     def lexical_path(self) -> Path:
         return self.lexical.path or self.data_dir / "lexical.db"
+
+    @property
+    def staging_location(self) -> str:
+        """Where remote-mode batches are staged: ``embedding.staging`` or
+        ``<data_dir>/staging``."""
+        return self.embedding.staging or str(self.data_dir / "staging")
 
     def source(self, name: str) -> Any:
         """The settings of source ``name``; raises :class:`ConfigError` if unknown."""

@@ -51,7 +51,7 @@ from connectors.base import (
 )
 from connectors.chroma import ChromaStore, IndexedDocument
 from connectors.lexical import LexicalIndex
-from flows.embed import apply_batch, rebuild_lexical
+from flows.embed import apply_batch, embed_remote, open_collection, open_lexical
 from flows.settings import Settings, load_settings
 from flows.state import StateStore
 from transforms.batches import ChunkBatch
@@ -122,11 +122,19 @@ class Pipeline:
     """The resources of a run: settings, state, vector store, and a lazily loaded model.
 
     The model is loaded at the first changed document, so a no-op sync never imports
-    torch.
+    torch. (In ``embedding.mode: remote`` it is still loaded here, for its tokenizer:
+    chunks are measured in the model's tokens; only the encoding runs remotely.)
+
+    Args:
+        settings: loaded settings.
+        embed_parameters: extra parameters of remote ``embed`` runs (the sync flow passes
+            its ``config_path`` and ``overrides``, so both sides read the same settings).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings,
+                 embed_parameters: dict[str, Any] | None = None) -> None:
         self.settings = settings
+        self.embed_parameters = embed_parameters or {}
         self.state = StateStore(settings.resolved_state_url)
         self.model_name, _ = resolve_model(settings.embedding.model)
         self._embedder: Embedder | None = None
@@ -147,31 +155,30 @@ class Pipeline:
         """The collection, opened with the model's identity (checked against the
         collection's) — without loading the model when the collection already exists."""
         if self._store is None:
-            store = ChromaStore(path=self.settings.chroma_path, url=self.settings.chroma.url,
-                                collection=self.settings.chroma.collection)
-            stored_model, stored_dim = store.stored_model()
-            if stored_model == self.model_name and stored_dim is not None:
-                store.model, store.dimension = self.model_name, stored_dim
-            else:
-                store.model, store.dimension = self.model_name, self.embedder.dimension
-            store.collection()
-            self._store = store
+            self._store = open_collection(self.settings, self.model_name,
+                                          lambda: self.embedder)
         return self._store
 
     @property
     def lexical(self) -> LexicalIndex | None:
         """The lexical index, or None when disabled. Rebuilt from Chroma first when it is
         missing or stale (another analyzer version, or empty while Chroma is not)."""
-        if not self.settings.lexical.enabled:
-            return None
         if self._lexical is None:
-            lexical = LexicalIndex(self.settings.lexical_path)
-            stale = not lexical.current or (lexical.count() == 0 and self.store.count() > 0)
-            if stale:
-                log.warning("rebuilding the lexical index %s from Chroma", lexical.path)
-                rebuild_lexical(self.store, lexical)
-            self._lexical = lexical
+            self._lexical = open_lexical(self.settings, self.store)
         return self._lexical
+
+    def apply(self, batch: ChunkBatch,
+              progress: Callable[[int], None] | None = None) -> dict[str, float]:
+        """Embed and write ``batch``: in-process (``embedding.mode: local``), or through
+        the ``embed`` deployment (``remote``; see :func:`flows.embed.embed_remote`, which
+        raises ``RemoteEmbedError`` when that run does not complete). Returns seconds
+        per stage."""
+        if self.settings.embedding.mode == "remote":
+            batch.model = self.model_name
+            return embed_remote(batch, self.settings, parameters=self.embed_parameters,
+                                progress=progress)
+        return apply_batch(batch, self.store, lambda: self.embedder, progress=progress,
+                           lexical=self.lexical)
 
     @property
     def chunking(self) -> ChunkingConfig:
@@ -311,9 +318,7 @@ def index_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> list[Doc
             summary.chunks_deleted += len(before.chunk_ids)
 
     done = summary.chunks_embedded
-    seconds = apply_batch(batch, store, lambda: pipeline.embedder,
-                          progress=lambda n: _report("embed", done + n, None),
-                          lexical=pipeline.lexical)
+    seconds = pipeline.apply(batch, progress=lambda n: _report("embed", done + n, None))
     for stage, value in seconds.items():
         summary.seconds[stage] = round(summary.seconds.get(stage, 0.0) + value, 4)
     with summary.timed("write"):
@@ -347,8 +352,7 @@ def reconcile(pipeline: Pipeline, connector: SourceConnector, summary: SyncSumma
         gone = sorted(indexed - listing.ids)
         if gone:
             held = pipeline.store.indexed_documents(gone)
-            apply_batch(ChunkBatch(source=summary.source, delete_doc_ids=gone), pipeline.store,
-                        lambda: pipeline.embedder, lexical=pipeline.lexical)
+            pipeline.apply(ChunkBatch(source=summary.source, delete_doc_ids=gone))
             pipeline.state.clear_issues(summary.source, gone)
             summary.documents_deleted += len(gone)
             summary.chunks_deleted += sum(len(doc.chunk_ids) for doc in held.values())
@@ -368,7 +372,8 @@ def _parse_time(value: str | datetime | None) -> datetime | None:
 def run_sync(settings: Settings, source: str, *, full: bool = False,
              since: str | datetime | None = None, until: str | datetime | None = None,
              connector: SourceConnector | None = None,
-             pipeline: Pipeline | None = None) -> SyncSummary:
+             pipeline: Pipeline | None = None, reconcile: bool = False,
+             embed_parameters: dict[str, Any] | None = None) -> SyncSummary:
     """Sync ``source`` (the body of the ``sync_source`` flow; must run inside a flow).
 
     Args:
@@ -380,21 +385,27 @@ def run_sync(settings: Settings, source: str, *, full: bool = False,
             changed in it without moving the cursor.
         connector: use this connector instead of building one from settings.
         pipeline: use these opened resources instead of opening them from settings.
+        reconcile: reconcile deletions in this run even when not due (the nightly
+            ``sync-all`` deployment sets it); ignored for backfills.
+        embed_parameters: extra parameters of remote ``embed`` runs (see :class:`Pipeline`).
 
     Raises:
         flows.settings.ConfigError: unknown source.
         ConnectorError: the source cannot be read at all.
         connectors.chroma.EmbeddingModelMismatch: the collection holds another model.
+        flows.embed.RemoteEmbedError: (remote mode) an embed run did not complete; the
+            cursor stays and the staged batch is kept.
     """
     source_settings = settings.source(source)
     connector = connector or source_settings.build(settings)
-    pipeline = pipeline or Pipeline(settings)
+    pipeline = pipeline or Pipeline(settings, embed_parameters=embed_parameters)
     since_dt, until_dt = _parse_time(since), _parse_time(until)
     summary = SyncSummary(source=source,
                           mode="backfill" if since_dt else "full" if full else "incremental")
     try:
         with summary.timed("total"):
-            _run(pipeline, connector, summary, full=full, since=since_dt, until=until_dt)
+            _run(pipeline, connector, summary, full=full, since=since_dt, until=until_dt,
+                 force_reconcile=reconcile)
     except BaseException as exc:
         summary.status = "failed"
         summary.error = f"{type(exc).__name__}: {exc}"
@@ -410,7 +421,8 @@ def run_sync(settings: Settings, source: str, *, full: bool = False,
 
 
 def _run(pipeline: Pipeline, connector: SourceConnector, summary: SyncSummary, *, full: bool,
-         since: datetime | None, until: datetime | None) -> None:
+         since: datetime | None, until: datetime | None,
+         force_reconcile: bool = False) -> None:
     settings, state = pipeline.settings, pipeline.state
     logger = get_run_logger()
     before = state.get(summary.source)
@@ -448,7 +460,7 @@ def _run(pipeline: Pipeline, connector: SourceConnector, summary: SyncSummary, *
     summary.documents_failed = len(failed)
     reconciled = False
     due = settings.sync.reconcile_every and before.syncs_since_reconcile + 1 >= settings.sync.reconcile_every
-    if not since and (full or due):
+    if not since and (full or due or force_reconcile):
         reconciled = reconcile(pipeline, connector, summary)
     summary.reconciled = reconciled
 
@@ -481,15 +493,19 @@ def _publish(summary: SyncSummary) -> None:
 @flow(name="sync-source", log_prints=True)
 def sync_source(source: str, full: bool = False, since: str | None = None,
                 until: str | None = None, config_path: str | None = None,
-                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                overrides: dict[str, Any] | None = None,
+                reconcile: bool = False) -> dict[str, Any]:
     """Sync one configured source; returns the :class:`SyncSummary` as a dict.
 
     Parameters are plain values so the flow can be deployed and scheduled: the flow
     loads settings from ``config_path`` (or ``KBSYNC_CONFIG`` / ``./kbsync.yaml``) and
-    the environment, with ``overrides`` applied on top.
+    the environment, with ``overrides`` applied on top. ``reconcile`` forces a
+    reconciliation of deletions (see :func:`run_sync`).
     """
     settings = load_settings(config_path, **(overrides or {}))
-    return run_sync(settings, source, full=full, since=since, until=until).to_dict()
+    return run_sync(settings, source, full=full, since=since, until=until, reconcile=reconcile,
+                    embed_parameters={"config_path": config_path,
+                                      "overrides": overrides}).to_dict()
 
 
 class SyncAllFailed(Exception):
@@ -499,17 +515,19 @@ class SyncAllFailed(Exception):
 @flow(name="sync-all", log_prints=True)
 def sync_all(full: bool = False, sources: list[str] | None = None,
              config_path: str | None = None,
-             overrides: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+             overrides: dict[str, Any] | None = None,
+             reconcile: bool = False) -> dict[str, dict[str, Any]]:
     """Sync every configured source (or those named), each as a ``sync-source`` subflow.
 
     A failing source does not stop the others; the flow fails at the end, naming them.
+    ``reconcile`` reconciles deletions of every source (the nightly deployment sets it).
     """
     settings = load_settings(config_path, **(overrides or {}))
     names = sources or [s.name for s in settings.sources]
     results: dict[str, dict[str, Any]] = {}
     for name in names:
         state = sync_source(name, full=full, config_path=config_path, overrides=overrides,
-                            return_state=True)
+                            reconcile=reconcile, return_state=True)
         if state.is_completed():
             results[name] = state.result()
         else:
