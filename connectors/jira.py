@@ -238,15 +238,16 @@ class JiraConnector:
     def _fields(self) -> list[str]:
         """SEARCH_FIELDS plus the site's Epic Link custom field (Server/DC), found once."""
         if self._epic_field is None:
-            self._epic_field = ""
+            found = ""
             if not self.is_cloud:
                 try:
                     for spec in self._call(self.client.fields):
                         if (spec.get("schema") or {}).get("custom") == EPIC_LINK_SCHEMA:
-                            self._epic_field = spec["id"]
+                            found = spec["id"]
                             break
                 except Exception as exc:  # noqa: BLE001 - same errors as a search
                     self._fail("cannot read the field list", exc)
+            self._epic_field = found
         return SEARCH_FIELDS + ([self._epic_field] if self._epic_field else [])
 
     def _search(self, jql: str, fields: list[str], position: dict[str, Any],
