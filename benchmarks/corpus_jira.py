@@ -217,14 +217,14 @@ class FakeJira:
             kind = rest
         self.calls.append(Call(kind, path, request.args.to_dict(flat=False),
                                dict(request.headers)))
-        if self.auth is not None and request.headers.get("Authorization") != self.auth:
-            return self._json({"errorMessages": ["You are not authenticated."]}, 401)
         queue = self.faults.get(kind)
         if queue:
             status, headers, body = queue.pop(0)
             return self._json(body if body is not None else
                               {"errorMessages": [f"injected HTTP {status}"], "errors": {}},
                               status, headers)
+        if self.auth is not None and request.headers.get("Authorization") != self.auth:
+            return self._json({"errorMessages": ["You are not authenticated."]}, 401)
         if kind == "serverInfo":
             return self._json({
                 "baseUrl": self.url, "version": "9.12.0" if not self.cloud else "1001.0.0",
