@@ -12,6 +12,12 @@ repository and measures, through the real Prefect flow into an embedded Chroma:
   wall seconds and chunks embedded, against the chunks whose ids really changed.
 
     .venv/bin/python benchmarks/ingest.py --files 300
+
+``--corpus jira`` measures the same on the Titanium Jira issues (``benchmarks/
+corpus_jira.py`` serves them behind Jira's REST paths on localhost; ``--files`` is then
+the number of issues, and the 1% edit adds one comment to each of 1% of the issues):
+
+    .venv/bin/python benchmarks/ingest.py --corpus jira --files 500
 """
 
 from __future__ import annotations
@@ -47,7 +53,9 @@ def edit_middle_sentence(text: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--files", type=int, default=300, help="how many Markdown files")
+    parser.add_argument("--files", type=int, default=300,
+                        help="how many Markdown files (Jira: issues)")
+    parser.add_argument("--corpus", choices=["aws", "jira"], default="aws")
     parser.add_argument("--realdata", type=Path, default=DEFAULT_REALDATA)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", type=Path, default=None, help="JSON output path")
@@ -58,18 +66,30 @@ def main() -> None:
     from transforms.embedding import EmbedderSpec, load_embedder
 
     work = Path(tempfile.mkdtemp(prefix="kbsync-bench-ingest-"))
+    jira = None
     try:
-        files = pick(corpus_files(aws_corpus(args.realdata, work / "corpus")), args.files)
-        repo = commit_repo(files, work / "repo")
-        settings = settings_for(work / "repo", work / "data",
+        if args.corpus == "jira":
+            from corpus_jira import BenchCorpus
+
+            from flows.settings import Settings
+
+            jira = BenchCorpus(args.realdata, args.files)
+            files, name = range(jira.count), jira.name
+            settings = Settings(data_dir=work / "data", sources=[jira.source],
                                 embedding={"batch_size": args.batch_size})
+        else:
+            files, name = pick(corpus_files(aws_corpus(args.realdata, work / "corpus")),
+                               args.files), "aws"
+            repo = commit_repo(files, work / "repo")
+            settings = settings_for(work / "repo", work / "data",
+                                    embedding={"batch_size": args.batch_size})
 
         prefect_start = warm_up_prefect()
         t0 = time.perf_counter()
         embedder = load_embedder(settings.embedding.spec())
         model_load = time.perf_counter() - t0
 
-        full, full_s = run_flow(settings, "aws")
+        full, full_s = run_flow(settings, name)
         chunks = full["chunks_embedded"]
 
         store = ChromaStore(path=settings.chroma_path)
@@ -80,24 +100,29 @@ def main() -> None:
                               convert_to_numpy=True, show_progress_bar=False)
         ceiling_s = time.perf_counter() - t0
 
-        noop, noop_s = run_flow(settings, "aws")
+        noop, noop_s = run_flow(settings, name)
 
         # edit 1% of the files (at least one)
         n_edit = max(1, len(files) // 100)
-        edited = sorted(files)[:: max(1, len(files) // n_edit)][:n_edit]
         before = {cid for cid in stored["ids"]}
-        for rel in edited:
-            p = work / "repo" / rel
-            p.write_text(edit_middle_sentence(p.read_text(encoding="utf-8")), encoding="utf-8")
-        repo.git.add("-A")
-        repo.index.commit("edit 1%")
-        edit, edit_s = run_flow(settings, "aws")
+        if jira is not None:
+            edited = jira.edit(n_edit)
+        else:
+            edited = sorted(files)[:: max(1, len(files) // n_edit)][:n_edit]
+            for rel in edited:
+                p = work / "repo" / rel
+                p.write_text(edit_middle_sentence(p.read_text(encoding="utf-8")),
+                             encoding="utf-8")
+            repo.git.add("-A")
+            repo.index.commit("edit 1%")
+        edit, edit_s = run_flow(settings, name)
         after = set(store.collection(create=False).get(include=[])["ids"])
         really_new = len(after - before)
 
         pipeline_cps = chunks / full_s
         ceiling_cps = len(texts) / ceiling_s
         result = {
+            "corpus": args.corpus,
             "files": len(files),
             "documents_indexed": full["documents_added"],
             "chunks": chunks,
@@ -120,7 +145,8 @@ def main() -> None:
             "edit_chunks_with_new_ids": really_new,
             "edit_documents_updated": edit["documents_updated"],
         }
-        print_table(f"ingest benchmark ({len(files)} AWS docs, {embedder.device})", [
+        what = "Titanium Jira issues" if jira else "AWS docs"
+        print_table(f"ingest benchmark ({len(files)} {what}, {embedder.device})", [
             ("documents / chunks", f"{result['documents_indexed']} / {chunks}"),
             ("full sync (s)", full_s),
             ("pipeline chunks/s", pipeline_cps),
@@ -131,8 +157,10 @@ def main() -> None:
             (f"1% edit: {len(edited)} files re-sync (s)", edit_s),
             ("1% edit: chunks embedded / chunks with new ids", f"{edit['chunks_embedded']} / {really_new}"),
         ])
-        print(f"JSON: {write_json('ingest', result, args.out)}")
+        print(f"JSON: {write_json('ingest' if jira is None else 'ingest_jira', result, args.out)}")
     finally:
+        if jira is not None:
+            jira.close()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         else:
