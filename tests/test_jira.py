@@ -525,12 +525,12 @@ def test_real_search_envelopes(httpserver, envelope, issues, with_comments):
 
 @pytest.mark.realdata
 def test_real_issues_through_the_sync_flow(httpserver, tmp_path):
-    """25 ALOY issues (from the archive's tarball) through the real flow into Chroma."""
-    issues = load_archive(REALDATA, ["ALOY"], limit=25)
+    """12 ALOY issues (from the archive's tarball) through the real flow into Chroma."""
+    issues = load_archive(REALDATA, ["ALOY"], limit=12)
     fake = FakeJira(httpserver, issues, inline_comments=2)
     settings = jira_settings(tmp_path, fake, jql="project = ALOY")
     result = sync(settings)
-    assert result["status"] == "completed" and result["documents_added"] == 25
+    assert result["status"] == "completed" and result["documents_added"] == 12
     client = chromadb.PersistentClient(path=str(settings.chroma_path))
     got = client.get_collection(settings.chroma.collection).get(include=["metadatas"])
     assert {m["issue_key"] for m in got["metadatas"]} == {i["key"] for i in issues}
