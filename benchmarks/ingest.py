@@ -17,6 +17,12 @@ Apache wiki pages (real storage format) served by a local Confluence REST stand-
 
     .venv/bin/python benchmarks/ingest.py --files 300
     .venv/bin/python benchmarks/ingest.py --corpus confluence
+
+``--corpus jira`` measures the same on the Titanium Jira issues (``benchmarks/
+corpus_jira.py`` serves them behind Jira's REST paths on localhost; ``--files`` is then
+the number of issues, and the 1% edit adds one comment to each of 1% of the issues):
+
+    .venv/bin/python benchmarks/ingest.py --corpus jira --files 500
 """
 
 from __future__ import annotations
@@ -52,10 +58,11 @@ def edit_middle_sentence(text: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", choices=["aws", "confluence"], default="aws",
-                        help="AWS docs in a git repo, or Apache wiki pages from Confluence")
+    parser.add_argument("--corpus", choices=["aws", "confluence", "jira"], default="aws",
+                        help="AWS docs in a git repo, Apache wiki pages from Confluence, or "
+                             "Titanium issues from Jira")
     parser.add_argument("--files", type=int, default=None,
-                        help="how many Markdown files / pages (default 300 / all 450)")
+                        help="how many Markdown files / pages / issues (default 300 / all 450 / 300)")
     parser.add_argument("--realdata", type=Path, default=DEFAULT_REALDATA)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", type=Path, default=None, help="JSON output path")
@@ -66,7 +73,7 @@ def main() -> None:
     from transforms.embedding import load_embedder
 
     work = Path(tempfile.mkdtemp(prefix="kbsync-bench-ingest-"))
-    wiki = None
+    wiki = jira = None
     try:
         if args.corpus == "confluence":
             from corpus_confluence import ConfluenceCorpus
@@ -74,6 +81,15 @@ def main() -> None:
             wiki = ConfluenceCorpus(args.realdata, args.files)
             settings = wiki.settings(work / "data", embedding={"batch_size": args.batch_size})
             source, files, label = wiki.source, wiki.pages, "Apache wiki pages via Confluence"
+        elif args.corpus == "jira":
+            from corpus_jira import BenchCorpus
+
+            from flows.settings import Settings
+
+            jira = BenchCorpus(args.realdata, args.files or 300)
+            files, source, label = range(jira.count), jira.name, "Titanium Jira issues"
+            settings = Settings(data_dir=work / "data", sources=[jira.source],
+                                embedding={"batch_size": args.batch_size})
         else:
             files = pick(corpus_files(aws_corpus(args.realdata, work / "corpus")),
                          args.files or 300)
@@ -105,6 +121,8 @@ def main() -> None:
         before = {cid for cid in stored["ids"]}
         if wiki is not None:
             edited = wiki.edit(n_edit)
+        elif jira is not None:
+            edited = jira.edit(n_edit)
         else:
             edited = sorted(files)[:: max(1, len(files) // n_edit)][:n_edit]
             for rel in edited:
@@ -159,6 +177,8 @@ def main() -> None:
     finally:
         if wiki is not None:
             wiki.stop()
+        if jira is not None:
+            jira.close()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         else:

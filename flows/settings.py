@@ -36,6 +36,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from connectors.confluence import ConfluenceConnector, ConfluenceSourceOptions
 from connectors.git import GitConnector, GitSourceOptions
 from connectors.gitlab import PARTS, GitLabConnector, GitLabSourceOptions
+from connectors.jira import JiraConnector, JiraSourceOptions
 from transforms.embedding import DEFAULT_MODEL, EmbedderSpec
 
 DEFAULT_CONFIG_FILE = "kbsync.yaml"
@@ -319,8 +320,56 @@ class GitLabSource(_Model):
         )
 
 
+
+class JiraSource(_Model):
+    """Jira Cloud or Server/Data Center issues matching a JQL filter (``type: jira``).
+
+    Cloud: ``email`` + ``api_token``; Server/DC: ``token`` (a personal access token);
+    neither: anonymous. Cloud or Server is read from ``/rest/api/2/serverInfo``.
+    """
+
+    type: Literal["jira"] = "jira"
+    name: str = Field(pattern=SOURCE_NAME)
+    base_url: str = Field(pattern=r"^https?://",
+                          description="site root, e.g. https://example.atlassian.net")
+    jql: str = Field("", description="which issues, e.g. project in (PLAT, AUTH)")
+    email: str | None = Field(None, description="Cloud: the account's email")
+    api_token: SecretStr | None = Field(None, description="Cloud API token, ${JIRA_API_TOKEN}")
+    token: SecretStr | None = Field(None, description="Server/DC personal access token")
+    api_version: int = Field(2, ge=2, le=3, description="REST API version; 3 = Cloud, ADF bodies")
+    overlap_minutes: int = Field(10, ge=0, description="re-read this much before the cursor")
+    page_size: int = Field(50, ge=1, le=1000, description="issues per search page")
+    comment_page_size: int = Field(100, ge=1, le=5000)
+    max_retries: int = Field(3, ge=0, description="retries of 429/5xx/connection errors")
+    max_retry_delay_seconds: float = Field(
+        120.0, gt=0, description="longest wait between retries (keep >= 2 x Retry-After)")
+    backoff_seconds: float = Field(2.0, ge=0, description="first 5xx backoff, doubled each try")
+    timeout_seconds: float = Field(30.0, gt=0)
+    schedule: str | None = Field(None, description="cron for scheduled syncs")
+
+    @model_validator(mode="after")
+    def _one_auth(self) -> JiraSource:
+        if bool(self.email) != bool(self.api_token):
+            raise ValueError("email and api_token go together (Jira Cloud)")
+        if self.token and self.api_token:
+            raise ValueError("give either email + api_token (Cloud) or token (Server/DC)")
+        return self
+
+    def build(self, settings: Settings) -> JiraConnector:
+        """The connector for this source."""
+        return JiraConnector(JiraSourceOptions(
+            name=self.name, base_url=self.base_url, jql=self.jql, email=self.email,
+            api_token=self.api_token.get_secret_value() if self.api_token else None,
+            token=self.token.get_secret_value() if self.token else None,
+            api_version=self.api_version, overlap_minutes=self.overlap_minutes,
+            page_size=self.page_size, comment_page_size=self.comment_page_size,
+            max_retries=self.max_retries, max_retry_delay=self.max_retry_delay_seconds,
+            backoff_seconds=self.backoff_seconds, timeout=self.timeout_seconds,
+        ))
+
+
 #: Every source type; later source types join this union.
-SourceSettings = Annotated[GitSource | GitLabSource | ConfluenceSource,
+SourceSettings = Annotated[GitSource | GitLabSource | ConfluenceSource | JiraSource,
                            Field(discriminator="type")]
 
 

@@ -1,0 +1,600 @@
+"""Jira Cloud and Server/Data Center as a source (the ``jira`` library, pycontribs).
+
+One document per issue: ``"<source>:<KEY>"``, titled ``"KEY: summary"``, whose text is
+the description and every comment (all comment pages, not only those the search
+returns inline), each comment under its author and date (see
+:func:`transforms.jira_markup.issue_markdown`).
+
+Incremental reads
+    The *cursor* is ``{"updated": <ISO 8601 UTC>, "seen": {KEY: <updated, epoch ms>}}``:
+    the latest ``updated`` read, and the issues read within the overlap window before
+    it. A run asks for ``(<jql>) AND updated >= <cursor - overlap, epoch ms> ORDER BY
+    updated ASC, key ASC``. The bound is an unquoted number of milliseconds: Jira reads a
+    quoted date in the *user's* time zone at minute precision, a known cause of silently
+    missed updates; a millisecond epoch means one instant everywhere. Issues of the
+    overlap window that are in ``seen`` with the same ``updated`` are skipped before
+    their comments are read.
+
+Pages
+    Server/DC: ``GET /rest/api/2/search`` with ``startAt``/``maxResults``
+    (``JIRA.search_issues``); Cloud: ``GET /rest/api/{2,3}/search/jql`` with
+    ``nextPageToken`` (``JIRA.enhanced_search_issues``), picked by the
+    ``deploymentType`` of ``/serverInfo``. The checkpoint after each page holds the
+    position and the cursor so far. Offset paging can skip an issue when the result set
+    shifts under it (an issue updated or removed while paging); when a page shows that
+    happened (a key seen twice, a smaller ``total``) the cursor is held back to the page
+    boundary so the next run reads that stretch again.
+
+Failures
+    ``ResilientSession`` (the library's) retries 429 (waiting ``Retry-After``), 503 with
+    ``Retry-After`` and connection errors, up to ``max_retries``; this connector adds
+    exponential backoff (tenacity) for the 5xx the session does not retry (500, 502,
+    504, 503 without ``Retry-After``) and read timeouts, so nothing is retried twice.
+    401/403 and 400 (a bad JQL: Jira's own message is quoted) raise
+    :class:`ConnectorError` at once. A search page that still fails raises
+    :class:`TransientSourceError` (the flow retries it from the checkpoint). A failure
+    reading one issue's comments is that issue's :class:`DocumentIssue`; the cursor is
+    never moved past the first failed issue. Messages never contain the token.
+
+API docs relied on:
+https://developer.atlassian.com/cloud/jira/platform/rest/v3/api-group-issue-search/
+https://docs.atlassian.com/software/jira/docs/api/REST/9.12.0/#api/2/search
+https://developer.atlassian.com/cloud/jira/platform/rest/v2/api-group-issue-comments/
+https://developer.atlassian.com/cloud/jira/platform/rate-limiting/
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, NoReturn, TypeVar
+
+import requests
+from jira import JIRA, JIRAError
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from connectors.base import (
+    Checkpoint,
+    ConnectorError,
+    Cursor,
+    Document,
+    DocumentIssue,
+    FetchRequest,
+    Listing,
+    Page,
+    TransientSourceError,
+    redact,
+)
+from transforms.jira_markup import issue_markdown, jira_time, person
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: The issue fields a document is built from (``comment`` holds the first comments).
+SEARCH_FIELDS = [
+    "summary", "description", "comment", "issuetype", "status", "priority", "resolution",
+    "labels", "components", "fixVersions", "assignee", "reporter", "created", "updated",
+    "resolutiondate", "parent", "issuelinks", "project", "epic",
+]
+#: Most keys asked for per page when listing (Jira caps it lower where it must).
+LIST_PAGE_SIZE = 1000
+#: Most issues remembered in the cursor's ``seen`` map (beyond it issues are re-read).
+MAX_SEEN = 5000
+#: The Server/DC "Epic Link" field (a custom field whose id differs per site).
+EPIC_LINK_SCHEMA = "com.pyxis.greenhopper.jira:gh-epic-link"
+_ORDER_BY = re.compile(r"\border\s+by\b", re.I)
+
+
+@dataclass
+class JiraSourceOptions:
+    """Settings of one Jira source (see ``flows.settings.JiraSource``).
+
+    ``email`` + ``api_token`` authenticate on Cloud (HTTP basic); ``token`` is a
+    Server/DC personal access token (``Authorization: Bearer``); none means anonymous.
+    Times are seconds unless the name says otherwise.
+    """
+
+    name: str
+    base_url: str
+    jql: str = ""
+    email: str | None = None
+    api_token: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    api_version: int = 2
+    overlap_minutes: int = 10
+    page_size: int = 50
+    comment_page_size: int = 100
+    max_retries: int = 3
+    max_retry_delay: float = 120.0
+    backoff_seconds: float = 2.0
+    timeout: float = 30.0
+
+
+def epoch_ms(moment: datetime) -> int:
+    """Milliseconds since the Unix epoch of an aware datetime (naive = UTC)."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+def strip_order_by(jql: str) -> str:
+    """The JQL without its ``ORDER BY`` clause (one outside quotes), trimmed."""
+    for match in _ORDER_BY.finditer(jql):
+        before = jql[: match.start()]
+        if before.count('"') % 2 == 0 and before.count("'") % 2 == 0:
+            return before.strip()
+    return jql.strip()
+
+
+def _name(value: Any) -> str | None:
+    return value.get("name") if isinstance(value, Mapping) else None
+
+
+def _names(values: Any) -> list[str]:
+    return [v["name"] for v in values or [] if isinstance(v, Mapping) and v.get("name")]
+
+
+class JiraConnector:
+    """Issues matching a JQL filter on one Jira site.
+
+    Args:
+        options: the source's settings.
+        client_factory: builds the ``jira.JIRA`` client (tests may pass a factory that
+            adds options); default :meth:`make_client`.
+
+    Raises (from :meth:`fetch`):
+        ConnectorError: bad credentials (401/403), a JQL Jira rejects (400, with Jira's
+            message), an unknown site (404).
+        TransientSourceError: 429/5xx/connection errors that outlived the retries.
+    """
+
+    source_type = "jira"
+
+    def __init__(self, options: JiraSourceOptions,
+                 client_factory: Callable[[JiraSourceOptions], JIRA] | None = None) -> None:
+        self.options = options
+        self.name = options.name
+        self.base_url = options.base_url.rstrip("/")
+        self._factory = client_factory or make_client
+        self._client: JIRA | None = None
+        self._epic_field: str | None = None
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def _secrets(self) -> list[str | None]:
+        secrets: list[str | None] = [self.options.api_token, self.options.token]
+        if self.options.email and self.options.api_token:
+            secrets.append(base64.b64encode(
+                f"{self.options.email}:{self.options.api_token}".encode()).decode())
+        return secrets
+
+    def _message(self, text: str) -> str:
+        return redact(f"jira source {self.name!r}: {text}", self._secrets)
+
+    def _fail(self, what: str, exc: BaseException, jql: str | None = None) -> NoReturn:
+        """Raise the ConnectorError (or TransientSourceError) that ``exc`` means."""
+        if isinstance(exc, ConnectorError):
+            raise exc
+        if isinstance(exc, JIRAError):
+            status, detail = exc.status_code, (exc.text or "").strip()
+            if status in (401, 403):
+                raise ConnectorError(self._message(
+                    f"{what}: HTTP {status}, access denied (check email/api_token or token): "
+                    f"{detail}")) from None
+            if status == 400 and jql is not None:
+                raise ConnectorError(self._message(
+                    f"Jira rejected the JQL {jql!r}: {detail}")) from None
+            if status is None or status == 429 or status >= 500:
+                raise TransientSourceError(self._message(
+                    f"{what}: HTTP {status} after retries: {detail}")) from None
+            raise ConnectorError(self._message(f"{what}: HTTP {status}: {detail}")) from None
+        if isinstance(exc, requests.RequestException | OSError):
+            raise TransientSourceError(self._message(
+                f"{what}: {type(exc).__name__}: {exc}")) from None
+        raise ConnectorError(self._message(f"{what}: {type(exc).__name__}: {exc}")) from None
+
+    def _retrying(self) -> Retrying:
+        """Backoff for what ``ResilientSession`` does not retry itself."""
+        return Retrying(
+            retry=retry_if_exception(_needs_backoff),
+            stop=stop_after_attempt(self.options.max_retries + 1),
+            wait=wait_exponential(multiplier=self.options.backoff_seconds,
+                                  max=self.options.max_retry_delay),
+            reraise=True,
+            before_sleep=lambda state: log.warning(
+                "jira source %r: %s, retrying (%d/%d)", self.name,
+                _short(state.outcome.exception()), state.attempt_number,
+                self.options.max_retries),
+        )
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return self._retrying()(fn, *args, **kwargs)
+
+    @property
+    def client(self) -> JIRA:
+        """The ``jira.JIRA`` client, created (``GET /serverInfo``) on first use."""
+        if self._client is None:
+            try:
+                self._client = self._call(self._factory, self.options)
+            except Exception as exc:  # noqa: BLE001 - mapped to a safe ConnectorError
+                self._fail(f"cannot connect to {self.base_url}", exc)
+        return self._client
+
+    @property
+    def is_cloud(self) -> bool:
+        """Whether ``/serverInfo`` says ``deploymentType: Cloud``."""
+        return getattr(self.client, "deploymentType", None) == "Cloud"
+
+    def _fields(self) -> list[str]:
+        """SEARCH_FIELDS plus the site's Epic Link custom field (Server/DC), found once."""
+        if self._epic_field is None:
+            found = ""
+            if not self.is_cloud:
+                try:
+                    for spec in self._call(self.client.fields):
+                        if (spec.get("schema") or {}).get("custom") == EPIC_LINK_SCHEMA:
+                            found = spec["id"]
+                            break
+                except Exception as exc:  # noqa: BLE001 - same errors as a search
+                    self._fail("cannot read the field list", exc)
+            self._epic_field = found
+        return SEARCH_FIELDS + ([self._epic_field] if self._epic_field else [])
+
+    def _search(self, jql: str, fields: list[str], position: dict[str, Any],
+                size: int) -> dict[str, Any]:
+        """One search page (raw JSON): Cloud by token, Server/DC by offset."""
+        try:
+            if self.is_cloud:
+                return self._call(self.client.enhanced_search_issues, jql,
+                                  nextPageToken=position.get("token"), maxResults=size,
+                                  fields=list(fields), json_result=True)
+            return self._call(self.client.search_issues, jql,
+                              startAt=int(position.get("start_at", 0)), maxResults=size,
+                              fields=list(fields), json_result=True)
+        except Exception as exc:  # noqa: BLE001 - mapped below
+            self._fail("search failed", exc, jql=jql)
+
+    # ------------------------------------------------------------------- queries
+
+    def jql(self, request: FetchRequest) -> str:
+        """The JQL sent for ``request`` (bounds as unquoted epoch milliseconds)."""
+        user = strip_order_by(self.options.jql)
+        clauses = [f"({user})"] if user else []
+        if request.is_backfill:
+            clauses.append(f"updated >= {epoch_ms(request.since)}")
+            if request.until is not None:
+                clauses.append(f"updated <= {epoch_ms(request.until)}")
+        elif request.cursor and request.cursor.get("updated"):
+            lower = jira_time(request.cursor["updated"]) - timedelta(
+                minutes=self.options.overlap_minutes)
+            clauses.append(f"updated >= {epoch_ms(lower)}")
+        where = " AND ".join(clauses)
+        return (where + " " if where else "") + "ORDER BY updated ASC, key ASC"
+
+    # ------------------------------------------------------------------ issues
+
+    def _doc_id(self, key: str) -> str:
+        return f"{self.name}:{key}"
+
+    def _comments(self, key: str, inline: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+        """Every comment of an issue: those inline in the search result, then the rest
+        from ``GET /issue/{key}/comment`` pages (``startAt``/``maxResults``)."""
+        inline = inline if isinstance(inline, Mapping) else {}
+        comments = [c for c in inline.get("comments") or [] if isinstance(c, Mapping)]
+        total = inline.get("total")
+        if not isinstance(total, int) or int(inline.get("startAt") or 0) != 0:
+            total = len(comments)
+        while len(comments) < total:
+            page = self._call(self.client.comments, key, start_at=len(comments),
+                              max_results=self.options.comment_page_size)
+            if not page:
+                break
+            comments.extend(c.raw for c in page)
+        return comments
+
+    def document(self, raw: Mapping[str, Any],
+                 comments: list[Mapping[str, Any]]) -> Document:
+        """The document of one issue (``GET issue`` / ``search`` issue JSON + comments).
+
+        Raises:
+            KeyError, ValueError, TypeError: the issue JSON lacks ``key`` or ``updated``
+                or has malformed content.
+        """
+        key = raw["key"]
+        fields = raw.get("fields") or {}
+        summary = (fields.get("summary") or "").strip()
+        status = fields.get("status") or {}
+        parent = fields.get("parent") if isinstance(fields.get("parent"), Mapping) else {}
+        parent_fields = parent.get("fields") or {}
+        epic = fields.get("epic")
+        epic_key = epic.get("key") if isinstance(epic, Mapping) else None
+        if self._epic_field and isinstance(fields.get(self._epic_field), str):
+            epic_key = epic_key or fields[self._epic_field]
+        if not epic_key and _name(parent_fields.get("issuetype")) == "Epic":
+            epic_key = parent.get("key")
+        links: list[tuple[str, str]] = []
+        for link in fields.get("issuelinks") or []:
+            kind = link.get("type") or {}
+            if isinstance(link.get("outwardIssue"), Mapping):
+                links.append((kind.get("outward") or "relates to", link["outwardIssue"]["key"]))
+            elif isinstance(link.get("inwardIssue"), Mapping):
+                links.append((kind.get("inward") or "relates to", link["inwardIssue"]["key"]))
+        labels = [str(label) for label in fields.get("labels") or []]
+        components = _names(fields.get("components"))
+        fix_versions = _names(fields.get("fixVersions"))
+        assignee, reporter = person(fields.get("assignee")), person(fields.get("reporter"))
+        parent_line = None
+        if parent.get("key"):
+            parent_line = f"{parent['key']} {parent_fields.get('summary') or ''}".strip()
+        facts = [
+            ("Type", _name(fields.get("issuetype"))),
+            ("Status", _name(status)),
+            ("Priority", _name(fields.get("priority"))),
+            ("Resolution", _name(fields.get("resolution"))),
+            ("Assignee", assignee),
+            ("Reporter", reporter),
+            ("Labels", ", ".join(labels)),
+            ("Components", ", ".join(components)),
+            ("Fix versions", ", ".join(fix_versions)),
+            ("Parent", parent_line),
+            ("Epic", epic_key if epic_key != parent.get("key") else None),
+            ("Links", "; ".join(f"{verb} {other}" for verb, other in links)),
+        ]
+        updated = jira_time(fields["updated"])
+        project = fields.get("project") or {}
+        return Document(
+            id=self._doc_id(key),
+            source=self.name,
+            source_type=self.source_type,
+            title=f"{key}: {summary}" if summary else key,
+            text=issue_markdown(fields, comments, facts),
+            url=f"{self.base_url}/browse/{key}",
+            updated_at=updated,
+            format="markdown",
+            metadata={
+                "project": project.get("key") or key.rsplit("-", 1)[0],
+                "issue_key": key,
+                "issue_type": _name(fields.get("issuetype")),
+                "status": _name(status),
+                "status_category": _name(status.get("statusCategory")),
+                "priority": _name(fields.get("priority")),
+                "resolution": _name(fields.get("resolution")),
+                "labels": labels or None,
+                "components": components or None,
+                "fix_versions": fix_versions or None,
+                "assignee": assignee,
+                "reporter": reporter,
+                "created": jira_time(fields.get("created")),
+                "updated": updated,
+                "resolved": jira_time(fields.get("resolutiondate")),
+                "parent": parent.get("key"),
+                "epic": epic_key,
+                "linked_issues": sorted({other for _, other in links}) or None,
+                "comment_count": len(comments),
+            },
+        )
+
+    def _read_issue(self, raw: Mapping[str, Any]) -> Document | DocumentIssue:
+        key = raw.get("key") or f"id-{raw.get('id')}"
+        doc_id = self._doc_id(key)
+        title = f"{key}: {((raw.get('fields') or {}).get('summary') or '').strip()}"
+        try:
+            comments = self._comments(key, (raw.get("fields") or {}).get("comment"))
+        except JIRAError as exc:
+            if exc.status_code == 401:
+                self._fail(f"reading the comments of {key}", exc)
+            if exc.status_code == 404:
+                return DocumentIssue(doc_id, "the issue no longer exists (HTTP 404 reading "
+                                     "its comments)", "skipped", title)
+            return DocumentIssue(doc_id, self._message(
+                f"reading the comments of {key}: HTTP {exc.status_code}: {exc.text or ''}"),
+                "failed", title)
+        except Exception as exc:  # noqa: BLE001 - one issue must not stop the run
+            return DocumentIssue(doc_id, self._message(
+                f"reading the comments of {key}: {type(exc).__name__}: {exc}"), "failed", title)
+        try:
+            return self.document(raw, comments)
+        except Exception as exc:  # noqa: BLE001 - malformed issue JSON
+            return DocumentIssue(doc_id, self._message(
+                f"malformed issue {key}: {type(exc).__name__}: {exc}"), "failed", title)
+
+    # ------------------------------------------------------------------ protocol
+
+    def fetch(self, request: FetchRequest, checkpoint: Checkpoint | None = None) -> Iterator[Page]:
+        """Yield the issues changed since the cursor (or in the backfill window), a page
+        of at most ``page_size`` issues at a time.
+
+        The checkpoint is ``{"start_at" | "token", "max_updated", "seen", "blocked",
+        "rewind", "total"}``: the position of the next page and the cursor so far.
+        """
+        jql = self.jql(request)
+        fields = self._fields()
+        previous: Cursor = request.cursor or {}
+        prev_seen: dict[str, int] = dict(previous.get("seen") or {})
+        overlap_ms = self.options.overlap_minutes * 60_000
+        if checkpoint and checkpoint.get("jql") == jql:
+            state = dict(checkpoint)
+        else:
+            prev_updated = previous.get("updated")
+            state = {"jql": jql, "start_at": 0, "token": None, "total": None,
+                     "max_updated": epoch_ms(jira_time(prev_updated)) if prev_updated else None,
+                     "seen": prev_seen, "blocked": False, "rewind": None}
+        seen: dict[str, int] = dict(state["seen"])
+        run_keys: set[str] = set()
+        boundary: int | None = None  # updated (ms) of the last issue of the previous page
+        log.info("jira source %r: %s", self.name, jql)
+        while True:
+            data = self._search(jql, fields, state, self.options.page_size)
+            issues = [i for i in data.get("issues") or [] if isinstance(i, Mapping)]
+            total = data.get("total")
+            shifted = isinstance(total, int) and isinstance(state.get("total"), int) \
+                and total < state["total"]
+            page = Page()
+            last_ms = boundary
+            for raw in issues:
+                key = raw.get("key")
+                updated_ms = _updated_ms(raw)
+                if key in run_keys:
+                    shifted = True
+                run_keys.add(key)
+                if updated_ms is not None:
+                    last_ms = updated_ms
+                if (not request.is_backfill and key in prev_seen
+                        and prev_seen[key] == updated_ms):
+                    if not state["blocked"]:
+                        seen[key] = updated_ms
+                    continue  # indexed at this very `updated` by an earlier run
+                result = self._read_issue(raw)
+                if isinstance(result, Document):
+                    page.documents.append(result)
+                    if not state["blocked"]:
+                        seen[key] = updated_ms
+                        state["max_updated"] = max(state["max_updated"] or 0, updated_ms)
+                else:
+                    page.issues.append(result)
+                    if result.kind == "failed":
+                        state["blocked"] = True
+            if shifted and boundary is not None:
+                state["rewind"] = min(state["rewind"] or boundary, boundary)
+            boundary = last_ms
+            state["total"] = total if isinstance(total, int) else None
+            if self.is_cloud:
+                state["token"] = data.get("nextPageToken")
+                last = not issues or not state["token"] or bool(data.get("isLast"))
+            else:
+                state["start_at"] = int(state.get("start_at") or 0) + len(issues)
+                last = not issues or (isinstance(total, int) and state["start_at"] >= total)
+            seen = _prune(seen, state["max_updated"], overlap_ms)
+            state["seen"] = seen
+            page.checkpoint = dict(state)
+            if last:
+                page.cursor = self._cursor(state, overlap_ms)
+            yield page
+            if last:
+                return
+
+    @staticmethod
+    def _cursor(state: Mapping[str, Any], overlap_ms: int) -> Cursor:
+        updated = state.get("max_updated")
+        if updated is None:
+            return {"updated": None, "seen": {}}
+        if state.get("rewind") is not None:
+            updated = min(updated, state["rewind"])
+        return {"updated": _iso(updated), "seen": _prune(state.get("seen") or {}, updated,
+                                                         overlap_ms)}
+
+    def list_ids(self) -> Listing:
+        """The keys of every issue the JQL matches now, as document ids.
+
+        Asks for no fields (``fields=key``). Offset paging over a set that changes while
+        it is read can miss a key, which would delete a live issue: a listing whose
+        ``total`` changed between pages or whose keys do not add up to ``total`` is
+        returned with ``complete=False``.
+        """
+        user = strip_order_by(self.options.jql)
+        jql = (f"({user}) " if user else "") + "ORDER BY key ASC"
+        keys: set[str] = set()
+        position: dict[str, Any] = {"start_at": 0, "token": None}
+        totals: set[int] = set()
+        try:
+            while True:
+                data = self._search(jql, ["key"], position, LIST_PAGE_SIZE)
+                issues = data.get("issues") or []
+                for raw in issues:
+                    keys.add(raw["key"])
+                if isinstance(data.get("total"), int):
+                    totals.add(data["total"])
+                if self.is_cloud:
+                    position["token"] = data.get("nextPageToken")
+                    if not issues or not position["token"] or data.get("isLast"):
+                        break
+                else:
+                    position["start_at"] += len(issues)
+                    if not issues or position["start_at"] >= data.get("total", 0):
+                        break
+        except (ConnectorError, KeyError, TypeError) as exc:
+            return Listing(frozenset(), complete=False,
+                           reason=self._message(f"listing failed: {exc}"))
+        if len(totals) > 1 or (totals and len(keys) != min(totals)):
+            return Listing(frozenset(), complete=False, reason=self._message(
+                f"the result set changed while listing ({len(keys)} keys, totals "
+                f"{sorted(totals)})"))
+        return Listing(frozenset(self._doc_id(k) for k in keys), complete=True)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def _prune(seen: Mapping[str, int], max_updated: int | None, overlap_ms: int) -> dict[str, int]:
+    """The ``seen`` entries still inside the overlap window, newest ``MAX_SEEN`` kept."""
+    if max_updated is None:
+        return dict(seen)
+    kept = {k: v for k, v in seen.items() if v is not None and v >= max_updated - overlap_ms}
+    if len(kept) > MAX_SEEN:
+        kept = dict(sorted(kept.items(), key=lambda kv: kv[1])[-MAX_SEEN:])
+    return kept
+
+
+def _updated_ms(raw: Mapping[str, Any]) -> int | None:
+    """The issue's ``fields.updated`` in epoch ms, or None when missing or malformed."""
+    try:
+        return epoch_ms(jira_time((raw.get("fields") or {}).get("updated")))
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def _short(exc: BaseException | None) -> str:
+    if isinstance(exc, JIRAError):
+        return f"HTTP {exc.status_code}"
+    return type(exc).__name__
+
+
+def _needs_backoff(exc: BaseException) -> bool:
+    """5xx that ``ResilientSession`` does not retry itself, and read timeouts."""
+    if isinstance(exc, JIRAError):
+        status = exc.status_code or 0
+        if status in (500, 502, 504):
+            return True
+        if status == 503:
+            headers = getattr(exc.response, "headers", None) or {}
+            return "Retry-After" not in headers
+        return False
+    return isinstance(exc, requests.Timeout) and not isinstance(exc, requests.ConnectionError)
+
+
+def make_client(options: JiraSourceOptions) -> JIRA:
+    """A ``jira.JIRA`` client for ``options`` (asks ``/serverInfo`` for the deployment type).
+
+    ``max_retries`` and ``max_retry_delay`` configure the library's ``ResilientSession``
+    (429 waits ``Retry-After``: the session sleeps ``min(max_retry_delay, 2 * Retry-After)``
+    times a jitter in [0.5, 1], so keep ``max_retry_delay`` at least twice the longest
+    ``Retry-After`` expected).
+    """
+    auth: dict[str, Any] = {}
+    if options.email and options.api_token:
+        auth["basic_auth"] = (options.email, options.api_token)
+    elif options.token:
+        auth["token_auth"] = options.token
+    client = JIRA(
+        server=options.base_url.rstrip("/"),
+        options={"rest_api_version": str(options.api_version), "check_update": False},
+        max_retries=options.max_retries,
+        timeout=options.timeout,
+        get_server_info=True,
+        **auth,
+    )
+    # JIRA() exposes max_retries but not the session's delay cap; set it on the session.
+    client._session.max_retry_delay = options.max_retry_delay
+    return client
