@@ -7,7 +7,7 @@ from collections import Counter
 import chromadb
 import pytest
 
-from connectors.base import FetchRequest
+from connectors.base import DocumentIssue, FetchRequest
 from connectors.chroma import ChromaStore, EmbeddingModelMismatch
 from flows.state import StateStore
 from flows.sync import run_sync, sync_source
@@ -181,6 +181,49 @@ def test_crash_after_upsert_before_cursor_converges(make_repo, make_settings, ch
     ids = collection(settings).get()["ids"]
     assert len(ids) == len(set(ids))
     assert set(chunks_by_doc(settings)) == {"src0:a.md", "src0:c.md"}
+
+
+class FailOneDocument:
+    """A source that cannot read one document this time (say its API answered 500): the
+    document comes as a ``failed`` issue on the last page instead of as a document."""
+
+    def __init__(self, inner, doc_id: str):
+        self.inner, self.doc_id = inner, doc_id
+        self.name, self.source_type = inner.name, inner.source_type
+
+    def fetch(self, request: FetchRequest, checkpoint=None):
+        for page in self.inner.fetch(request, checkpoint):
+            if any(d.id == self.doc_id for d in page.documents):
+                page.documents = [d for d in page.documents if d.id != self.doc_id]
+                page.issues.append(DocumentIssue(self.doc_id, "HTTP 500 from the source"))
+            yield page
+
+    def list_ids(self):
+        return self.inner.list_ids()
+
+
+def test_failed_document_is_retried_by_the_next_run(make_repo, make_settings):
+    """The end checkpoint of a run with a failure must not let the next run resume past
+    the failed document (same cursor, same request): it re-reads and indexes it."""
+    repo = make_repo({"a.md": "# A\n\nalpha text\n"})
+    settings = make_settings(repo)
+    sync(settings)
+    old_cursor = StateStore(settings.resolved_state_url).get("src0").cursor
+    repo.commit({"b.md": "# B\n\nbravo text\n", "c.md": "# C\n\ncharlie text\n"})
+
+    flaky = FailOneDocument(settings.source("src0").build(settings), "src0:b.md")
+    first = sync(settings, connector=flaky)
+    state = StateStore(settings.resolved_state_url)
+    assert first["status"] == "completed_with_failures" and first["documents_failed"] == 1
+    assert state.get("src0").cursor == old_cursor
+    assert [i.doc_id for i in state.issues("src0", kind="failed")] == ["src0:b.md"]
+    assert set(chunks_by_doc(settings)) == {"src0:a.md", "src0:c.md"}
+
+    second = sync(settings)
+    assert second["status"] == "completed"
+    assert set(chunks_by_doc(settings)) == {"src0:a.md", "src0:b.md", "src0:c.md"}
+    assert state.get("src0").cursor == {"commit": repo.head}
+    assert state.issues("src0") == []  # the failure record is gone with the failure
 
 
 def test_partially_written_document_is_repaired(make_repo, make_settings):
