@@ -147,11 +147,14 @@ class Endpoint:
         base_url: the OpenAI-compatible API root, e.g. ``http://localhost:11434/v1``.
         model: the model name the server knows (Ollama: ``deepseek-r1:7b``).
         api_key: sent as a bearer token; never printed.
+        timeout_seconds: read timeout for this endpoint; default the config's (a
+            fallback on a slower machine may need more).
     """
 
     base_url: str
     model: str
     api_key: str = field(default=DEFAULT_API_KEY, repr=False)
+    timeout_seconds: float | None = None
 
     @property
     def label(self) -> str:
@@ -435,19 +438,23 @@ class LLMClient:
             self._clients[endpoint] = openai.OpenAI(
                 base_url=endpoint.base_url, api_key=endpoint.api_key or DEFAULT_API_KEY,
                 max_retries=0,
-                timeout=openai.Timeout(self.config.timeout_seconds,
+                timeout=openai.Timeout(self._timeout(endpoint),
                                        connect=self.config.connect_timeout_seconds),
             )
         return self._clients[endpoint]
 
+    def _timeout(self, endpoint: Endpoint) -> float:
+        return endpoint.timeout_seconds or self.config.timeout_seconds
+
     def _safe(self, text: str) -> str:
         return redact(text, self.config.secrets)
 
-    def _describe(self, exc: BaseException) -> str:
+    def _describe(self, exc: BaseException, endpoint: Endpoint | None = None) -> str:
         import openai
 
         if isinstance(exc, openai.APITimeoutError):
-            return f"timed out after {self.config.timeout_seconds:g} s"
+            limit = self._timeout(endpoint) if endpoint else self.config.timeout_seconds
+            return f"timed out after {limit:g} s"
         if isinstance(exc, openai.APIConnectionError):
             cause = exc.__cause__ or exc.__context__
             detail = f": {cause}" if cause else ""
@@ -487,7 +494,7 @@ class LLMClient:
                         model=endpoint.model, **request)
         except RetryError as exc:  # every attempt failed with a transient error
             last = exc.last_attempt.exception()
-            reason = self._describe(last)
+            reason = self._describe(last, endpoint)
             metrics.error = f"{reason} ({metrics.attempts} attempts)"
             raise _EndpointDown(metrics.error) from None
         except openai.APIStatusError as exc:
@@ -510,7 +517,7 @@ class LLMClient:
 
         try:
             served = [m.id for m in self._client(endpoint).with_options(
-                timeout=openai.Timeout(min(self.config.timeout_seconds, 30.0),
+                timeout=openai.Timeout(min(self._timeout(endpoint), 30.0),
                                        connect=self.config.connect_timeout_seconds),
                 max_retries=1).models.list()]
         except openai.APIStatusError as exc:
@@ -518,7 +525,7 @@ class LLMClient:
                 raise _EndpointDown(self._describe(exc)) from None
             served = []  # no model listing here (404/405): the chat call will tell
         except openai.OpenAIError as exc:
-            raise _EndpointDown(self._describe(exc)) from None
+            raise _EndpointDown(self._describe(exc, endpoint)) from None
         wanted = {endpoint.model, f"{endpoint.model}:latest"}
         if served and not wanted & set(served):
             shown = ", ".join(served[:8]) + (" ..." if len(served) > 8 else "")

@@ -129,6 +129,7 @@ class LLMFallback(_Model):
     model: str = Field(min_length=1)
     base_url: str | None = None
     api_key: SecretStr | None = None
+    timeout_seconds: float | None = Field(None, gt=0, description="default llm.timeout_seconds")
 
 
 def _default_presets() -> dict[str, SamplingPreset]:
@@ -171,7 +172,7 @@ class LLMSettings(_Model):
         key = self.api_key.get_secret_value()
         endpoints = [Endpoint(self.base_url, self.model, key)] + [
             Endpoint(f.base_url or self.base_url, f.model,
-                     f.api_key.get_secret_value() if f.api_key else key)
+                     f.api_key.get_secret_value() if f.api_key else key, f.timeout_seconds)
             for f in self.fallbacks]
         return LLMConfig(
             endpoints=tuple(endpoints), timeout_seconds=self.timeout_seconds,
