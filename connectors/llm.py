@@ -408,6 +408,12 @@ _JSON_MODES: dict[tuple[str, str], JsonMode] = {}
 _JSON_MODES_LOCK = threading.Lock()
 
 
+def forget_json_modes() -> None:
+    """Forget the detected JSON modes (after a server upgrade; in tests)."""
+    with _JSON_MODES_LOCK:
+        _JSON_MODES.clear()
+
+
 class _EndpointDown(Exception):
     """Internal: this endpoint cannot be used now; try the next one."""
 

@@ -201,7 +201,7 @@ def sync(
     else:
         try:
             results = _run_with_progress(sync_all, full=full, sources=names, config_path=config,
-                                         overrides=overrides, validate=validate)
+                                         overrides=overrides, validation=validate)
         except SyncAllFailed as exc:
             raise _fail(str(exc)) from None
         summaries = list(results.values())
@@ -381,11 +381,12 @@ def _print_history(settings: Settings) -> None:
         console.print(f"no validation runs yet under {settings.validation_dir}")
         return
     k = entries[-1].get("top_k", 5)
-    table = Table(title=f"validation history ({settings.validation_dir})")
-    for column in ("started (UTC)", "status", "questions", f"chunk hit@{k}", f"doc hit@{k}",
-                   "doc MRR", "faithfulness", "correctness", f"golden doc hit@{k}", "seconds",
-                   "model"):
-        table.add_column(column)
+    console.print(f"validation history ({settings.validation_dir}); hit rates at k={k}, "
+                  "↑/↓ against the run before", highlight=False, soft_wrap=True)
+    table = Table(box=None, pad_edge=False)
+    for column in ("started UTC", "status", "n", "chunk hit", "doc hit", "doc MRR", "faith",
+                   "correct", "golden hit", "secs", "model"):
+        table.add_column(column, no_wrap=column in ("started UTC", "status"))
     previous: dict[str, Any] = {}
     for entry in entries:
         sample = entry.get("sample") or {}
@@ -402,7 +403,7 @@ def _print_history(settings: Settings) -> None:
 
         status = entry.get("status", "?")
         table.add_row(
-            str(entry.get("started_at", ""))[:19].replace("T", " "),
+            str(entry.get("started_at", ""))[:16].replace("T", " "),
             f"[{STATUS_STYLE.get(status, '')}]{status}[/]",
             str(sample.get("questions", "–")),
             cell(sample.get("chunk_hit_rate"), "chunk"), cell(sample.get("doc_hit_rate"), "doc"),

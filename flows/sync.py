@@ -500,9 +500,9 @@ class SyncAllFailed(Exception):
 def sync_all(full: bool = False, sources: list[str] | None = None,
              config_path: str | None = None,
              overrides: dict[str, Any] | None = None,
-             validate: bool | None = None) -> dict[str, dict[str, Any]]:
+             validation: bool | None = None) -> dict[str, dict[str, Any]]:
     """Sync every configured source (or those named), each as a ``sync-source`` subflow,
-    then run the ``validate`` subflow when ``validate`` (default
+    then run the ``validate`` subflow when ``validation`` (default
     ``validation.after_sync``) is true.
 
     A failing source does not stop the others; the flow fails at the end, naming them.
@@ -522,7 +522,7 @@ def sync_all(full: bool = False, sources: list[str] | None = None,
             except BaseException as exc:  # noqa: BLE001 - reported below
                 results[name] = {"source": name, "status": "failed",
                                  "error": f"{type(exc).__name__}: {exc}"}
-    if settings.validation.after_sync if validate is None else validate:
+    if settings.validation.after_sync if validation is None else validation:
         _validate_after_sync(config_path, overrides)
     bad = [n for n, r in results.items() if r.get("status") == "failed"]
     if bad:

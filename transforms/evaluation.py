@@ -84,17 +84,12 @@ def allocate(n: int, capacity: Mapping[str, int]) -> dict[str, int]:
     """Split ``n`` samples over sources as evenly as their ``capacity`` allows
     (a small source gives its unused share to the others). Sources in name order get
     the remainder first."""
-    quota = {s: 0 for s in capacity}
-    left = n
-    open_ = sorted(s for s, c in capacity.items() if c > 0)
-    while left > 0 and open_:
-        share, extra = divmod(left, len(open_))
-        for i, source in enumerate(list(open_)):
-            want = share + (1 if i < extra else 0)
-            give = min(want, capacity[source] - quota[source])
-            quota[source] += give
-            left -= give
-        open_ = [s for s in open_ if quota[s] < capacity[s]]
+    quota = dict.fromkeys(capacity, 0)
+    for _ in range(n):
+        open_ = [s for s in sorted(capacity) if quota[s] < capacity[s]]
+        if not open_:
+            break
+        quota[min(open_, key=lambda s: quota[s])] += 1
     return quota
 
 
