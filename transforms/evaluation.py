@@ -280,12 +280,18 @@ def check_thresholds(metrics: Mapping[str, Any], thresholds: Mapping[str, float 
     return rows
 
 
+def metric_name(metric: str, k: int) -> str:
+    """The words for a metric key of :func:`aggregate` (``doc_hit_rate`` -> ``document
+    hit@5``)."""
+    names = {"doc_hit_rate": f"document hit@{k}", "chunk_hit_rate": f"chunk hit@{k}",
+             "doc_mrr": "document MRR", "chunk_mrr": "chunk MRR",
+             "judge_failure_rate": "judge failure rate"}
+    return names.get(metric, metric.replace("_", " "))
+
+
 def describe_failures(rows: Sequence[Mapping[str, Any]], k: int) -> str:
     """A one-line reason listing the missed thresholds."""
-    names = {"doc_hit_rate": f"document hit@{k}", "chunk_hit_rate": f"chunk hit@{k}",
-             "doc_mrr": "document MRR", "faithfulness": "faithfulness",
-             "correctness": "correctness", "judge_failure_rate": "judge failure rate"}
-    parts = [f"{r['set']} {names.get(r['metric'], r['metric'])} {r['value']:.2f} "
+    parts = [f"{r['set']} {metric_name(r['metric'], k)} {r['value']:.2f} "
              f"(needs {r['op']} {r['threshold']:g})" for r in rows if not r["passed"]]
     return "thresholds missed: " + "; ".join(parts) if parts else ""
 
