@@ -675,6 +675,7 @@ class LLMClient:
             except (ValueError, ValidationError) as exc:
                 reply.metrics.json_valid = False
                 problem = _short_error(exc)
+                reply.metrics.error = f"invalid JSON reply: {problem}; reply: {reply.raw[:200]!r}"
                 continue
             reply.metrics.json_valid = True
             return value, reply

@@ -348,10 +348,12 @@ def _print_report(report: dict[str, Any]) -> None:
                   highlight=False, soft_wrap=True)
     for note in report["notes"]:
         console.print(f"  note: {note}", highlight=False, markup=False, soft_wrap=True)
-    table = Table(title="validation")
-    for column in ("set", "questions", f"chunk hit@{k}", "chunk MRR", f"doc hit@{k}",
-                   "doc MRR", "faithfulness", "correctness", "judge failures"):
-        table.add_column(column, justify="right" if column != "set" else "left")
+    table = Table(title=f"validation (hit rates and MRR at k={k}; faithfulness 0-1, "
+                        "correctness 1-5)", box=None, pad_edge=False)
+    for column in ("set", "n", "chunk hit", "chunk MRR", "doc hit", "doc MRR", "faith",
+                   "correct", "judge fail"):
+        table.add_column(column, justify="right" if column != "set" else "left",
+                         no_wrap=column == "set")
     rows = [(label, m) for label, m in report["metrics"].items() if m]
     rows += [(f"  {source}", m) for source, m in report["by_source"].items()]
     for label, m in rows:
@@ -381,12 +383,14 @@ def _print_history(settings: Settings) -> None:
         console.print(f"no validation runs yet under {settings.validation_dir}")
         return
     k = entries[-1].get("top_k", 5)
-    console.print(f"validation history ({settings.validation_dir}); hit rates at k={k}, "
-                  "↑/↓ against the run before", highlight=False, soft_wrap=True)
+    console.print(f"validation history ({settings.validation_dir}): document hit rate and MRR "
+                  f"at k={k}; golden = the golden set's document hit rate; ↑/↓ against the "
+                  "run before", highlight=False, soft_wrap=True)
     table = Table(box=None, pad_edge=False)
-    for column in ("started UTC", "status", "n", "chunk hit", "doc hit", "doc MRR", "faith",
-                   "correct", "golden hit", "secs", "model"):
-        table.add_column(column, no_wrap=column in ("started UTC", "status"))
+    for column in ("UTC", "status", "n", "chunk hit", "doc hit", "MRR", "faith", "corr",
+                   "golden", "model"):
+        table.add_column(column, no_wrap=column != "model", overflow="fold",
+                         min_width=12 if column == "model" else None)
     previous: dict[str, Any] = {}
     for entry in entries:
         sample = entry.get("sample") or {}
@@ -403,13 +407,13 @@ def _print_history(settings: Settings) -> None:
 
         status = entry.get("status", "?")
         table.add_row(
-            str(entry.get("started_at", ""))[:16].replace("T", " "),
+            str(entry.get("started_at", ""))[5:16].replace("T", " "),
             f"[{STATUS_STYLE.get(status, '')}]{status}[/]",
             str(sample.get("questions", "–")),
             cell(sample.get("chunk_hit_rate"), "chunk"), cell(sample.get("doc_hit_rate"), "doc"),
             cell(sample.get("doc_mrr"), "mrr"), cell(sample.get("faithfulness"), "faith"),
             cell(sample.get("correctness"), "correct"), cell(golden.get("doc_hit_rate"), "golden"),
-            _num(entry.get("seconds"), 0), ", ".join(m.split(" @ ")[0] for m in entry.get("models", [])),
+            ", ".join(m.split(" @ ")[0] for m in entry.get("models", [])),
         )
     console.print(table)
 
@@ -418,7 +422,7 @@ def _standin_overrides(endpoint: Any) -> dict[str, Any]:
     from connectors.llm import PACKAGED_MODEL_CONTEXT
 
     return {"llm": {"base_url": endpoint.base_url, "model": endpoint.model, "fallbacks": [],
-                    "max_context_tokens": PACKAGED_MODEL_CONTEXT, "max_reply_tokens": 384}}
+                    "max_context_tokens": PACKAGED_MODEL_CONTEXT, "max_reply_tokens": 256}}
 
 
 @app.command("validate")
@@ -508,7 +512,7 @@ def llm_serve(
         f"serving {path.name} as {name!r} on http://{host}:{port}/v1 — point kbsync at it:\n"
         f"  export KBSYNC_LLM__BASE_URL=http://{host}:{port}/v1 KBSYNC_LLM__MODEL={name} "
         f"KBSYNC_LLM__MAX_CONTEXT_TOKENS={n_ctx} KBSYNC_LLM__MAX_REPLY_TOKENS="
-        f"{min(384, n_ctx // 4)}", highlight=False, markup=False, soft_wrap=True)
+        f"{min(256, n_ctx // 4)}", highlight=False, markup=False, soft_wrap=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(cmd[0], cmd)  # the server replaces this process: Ctrl-C and signals reach it

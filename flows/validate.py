@@ -44,7 +44,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from prefect import flow, get_run_logger, task
@@ -162,7 +162,7 @@ class FaithfulnessReply(BaseModel):
 
 
 class CorrectnessReply(BaseModel):
-    score: int = Field(ge=1, le=5)
+    score: Literal[1, 2, 3, 4, 5]  # an enum: grammar-constrained servers enforce it
     reason: str = Field(max_length=600)
 
 
@@ -177,7 +177,7 @@ QUESTION_USER = (
 ANSWER_SYSTEM = (
     "You answer questions using only the numbered context passages given. Cite the "
     "passages you use as [1], [2], ... If the passages do not contain the answer, say that "
-    "you cannot find it in the context. Be brief.")
+    "you cannot find it in the context. Answer in at most three sentences.")
 ANSWER_USER = "Context passages:\n\n{contexts}\n\nQuestion: {question}\nAnswer:"
 FAITHFULNESS_SYSTEM = "You check whether statements are supported by a context. Be strict."
 FAITHFULNESS_USER = (
