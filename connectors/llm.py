@@ -277,7 +277,7 @@ _FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
 
 
 def parse_json_reply(text: str) -> Any:
-    """The first JSON object (or array) in a model's reply.
+    """The first JSON object in a model's reply (else the first array).
 
     Tolerates reasoning (``<think>``), code fences, prose before or after the JSON,
     and a trailing comma before a closing bracket. Raises ``ValueError`` when there is
@@ -286,20 +286,32 @@ def parse_json_reply(text: str) -> Any:
     body = strip_think(text)
     candidates = [body] + [m.group(1) for m in _FENCE.finditer(body)]
     decoder = json.JSONDecoder()
+    arrays: list[Any] = []
     for candidate in candidates:
         candidate = candidate.strip()
         for variant in (candidate, re.sub(r",\s*([}\]])", r"\1", candidate)):
             try:
-                return json.loads(variant)
+                value = json.loads(variant)
+                if isinstance(value, dict):
+                    return value
+                if isinstance(value, list):
+                    arrays.append(value)
             except ValueError:
                 pass
-            for match in re.finditer(r"[{\[]", variant):
-                try:
-                    value, _ = decoder.raw_decode(variant, match.start())
-                except ValueError:
-                    continue
-                if isinstance(value, dict | list):
-                    return value
+            # an object first: a "[1]" inside prose (or a cut-off object) is not the reply
+            for opening in ("{", "["):
+                for match in re.finditer(re.escape(opening), variant):
+                    try:
+                        value, _ = decoder.raw_decode(variant, match.start())
+                    except ValueError:
+                        continue
+                    if isinstance(value, dict):
+                        return value
+                    if isinstance(value, list):
+                        arrays.append(value)
+                        break
+    if arrays:
+        return arrays[0]
     raise ValueError(f"no JSON object in the reply ({len(body)} characters): {body[:120]!r}")
 
 

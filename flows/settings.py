@@ -210,6 +210,8 @@ class ValidationSettings(_Model):
     golden_set: Path | None = Field(None, description="YAML: question, expected, reference")
     history_keep: int = Field(200, ge=1, description="JSON reports kept under the data dir")
     thresholds: ValidationThresholds = Field(default_factory=ValidationThresholds)
+    golden_thresholds: ValidationThresholds | None = Field(
+        None, description="for the golden set; default the same as thresholds")
 
 
 class GitSource(_Model):

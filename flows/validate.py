@@ -466,13 +466,15 @@ def build_report(run: Run, *, started: datetime, samples: list[dict[str, Any]],
                  sampled_note: str | None) -> dict[str, Any]:
     """The report (a JSON-able dict) with the status and the reason."""
     settings, k = run.settings, run.k
-    thresholds = settings.validation.thresholds.model_dump()
+    v = settings.validation
+    thresholds = {"sample": v.thresholds.model_dump(),
+                  "golden": (v.golden_thresholds or v.thresholds).model_dump()}
     metrics = {"sample": aggregate(samples, k) if samples else None,
                "golden": aggregate(golden, k) if golden else None}
     rows = []
     for label, m in metrics.items():
         if m:
-            rows += check_thresholds(m, thresholds, label)
+            rows += check_thresholds(m, thresholds[label], label)
     reason = describe_failures(rows, k)
     answers_checked = run.llm_ok and settings.validation.check_answers and any(
         r.get("judged") for r in samples + golden)
