@@ -53,6 +53,7 @@ test-all: install
 bench: install
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/retrieval.py
+	$(BIN)/python benchmarks/validation.py
 
 lint: install
 	$(BIN)/ruff check connectors transforms flows tests benchmarks
