@@ -163,7 +163,7 @@ class FaithfulnessReply(BaseModel):
 
 class CorrectnessReply(BaseModel):
     score: Literal[1, 2, 3, 4, 5]  # an enum: grammar-constrained servers enforce it
-    reason: str = Field(max_length=600)
+    reason: str
 
 
 QUESTION_SYSTEM = ("You write evaluation questions for a search system over a team's "

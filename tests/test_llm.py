@@ -283,3 +283,24 @@ def test_llm_serve_command_serves_the_packaged_model(llm_server, tmp_path):
         process.terminate()
         process.wait(timeout=30)
         log.close()
+
+
+def test_servers_get_the_schema_flat_and_without_length_bounds():
+    """Grammar-based servers expand length bounds into slow repetitions; the bounds are
+    checked when the reply is validated instead."""
+    from pydantic import Field
+
+    from connectors.llm import json_schema_of
+
+    class Item(BaseModel):
+        text: str = Field(max_length=600)
+
+    class Reply(BaseModel):
+        items: list[Item] = Field(max_length=20)
+
+    assert json_schema_of(Reply) == {
+        "type": "object", "required": ["items"], "properties": {"items": {
+            "type": "array", "items": {"type": "object", "required": ["text"],
+                                       "properties": {"text": {"type": "string"}}}}}}
+    with pytest.raises(ValueError):
+        Reply.model_validate({"items": [{"text": "x" * 601}]})
