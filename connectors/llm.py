@@ -280,18 +280,18 @@ def parse_json_reply(text: str) -> Any:
     """The first JSON object in a model's reply (else the first array).
 
     Tolerates reasoning (``<think>``), code fences, prose before or after the JSON,
-    and a trailing comma before a closing bracket. Raises ``ValueError`` when there is
+    a trailing comma before a closing bracket, and raw newlines inside strings. Raises ``ValueError`` when there is
     no valid JSON value in ``text``.
     """
     body = strip_think(text)
     candidates = [body] + [m.group(1) for m in _FENCE.finditer(body)]
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(strict=False)  # strict=False: control characters in strings
     arrays: list[Any] = []
     for candidate in candidates:
         candidate = candidate.strip()
         for variant in (candidate, re.sub(r",\s*([}\]])", r"\1", candidate)):
             try:
-                value = json.loads(variant)
+                value = json.loads(variant, strict=False)
                 if isinstance(value, dict):
                     return value
                 if isinstance(value, list):
@@ -355,16 +355,16 @@ def fit_contexts(fixed_tokens: int, contexts: Sequence[str], budget: int,
 
 
 #: Schema keys left out of what servers see. Grammar-based servers (llama.cpp) expand
-#: length bounds into repetitions that make sampling very slow (a ``maxLength: 600``
-#: string took 14 s instead of 0.7 s with SmolLM2); the bounds are still checked here
-#: when the reply is validated.
-_SERVER_SCHEMA_DROP = {"$defs", "title", "maxLength", "minLength", "maxItems", "minItems"}
+#: upper length bounds into bounded repetitions that make sampling very slow (a
+#: ``maxLength: 600`` string took 14 s instead of 0.7 s with SmolLM2); the bounds are
+#: still checked here when the reply is validated.
+_SERVER_SCHEMA_DROP = {"$defs", "title", "maxLength", "maxItems"}
 
 
 def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
     """``schema`` with ``$ref``s to ``$defs`` replaced by the definitions (pydantic puts
     nested models in ``$defs``; grammar converters and small models do better without),
-    and without titles and length bounds (:data:`_SERVER_SCHEMA_DROP`)."""
+    and without titles and upper length bounds (:data:`_SERVER_SCHEMA_DROP`)."""
     defs = schema.get("$defs", {})
 
     def walk(node: Any) -> Any:
@@ -382,7 +382,7 @@ def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
 
 def json_schema_of(model: type[BaseModel]) -> dict[str, Any]:
     """The JSON schema of a pydantic model as servers are given it: flat (no ``$ref``),
-    without titles and length bounds."""
+    without titles and upper length bounds."""
     return _inline_refs(model.model_json_schema())
 
 

@@ -57,9 +57,12 @@ DEEPSEEK_STYLE = [
     # cut off while reasoning (max_tokens reached): no answer
     ("<think>\nLet me split the answer into statements. First, {\"statement\": ", None),
 ]
+# Recorded from SmolLM2 with a json_object + schema grammar: a raw newline in a string
+RECORDED_GRAMMAR = [('{"question":"{\n    " } ', {"question": "{\n    "})]
 
 
-@pytest.mark.parametrize(("raw", "expected"), RECORDED_SMOLLM2 + DEEPSEEK_STYLE)
+@pytest.mark.parametrize(("raw", "expected"), RECORDED_SMOLLM2 + DEEPSEEK_STYLE +
+                         RECORDED_GRAMMAR)
 def test_tolerant_parser_on_recorded_replies(raw, expected):
     if expected is None:
         with pytest.raises(ValueError, match="no JSON object"):
@@ -293,14 +296,14 @@ def test_servers_get_the_schema_flat_and_without_length_bounds():
     from connectors.llm import json_schema_of
 
     class Item(BaseModel):
-        text: str = Field(max_length=600)
+        text: str = Field(min_length=2, max_length=600)
 
     class Reply(BaseModel):
         items: list[Item] = Field(max_length=20)
 
     assert json_schema_of(Reply) == {
         "type": "object", "required": ["items"], "properties": {"items": {
-            "type": "array", "items": {"type": "object", "required": ["text"],
-                                       "properties": {"text": {"type": "string"}}}}}}
+            "type": "array", "items": {"type": "object", "required": ["text"], "properties": {
+                "text": {"type": "string", "minLength": 2}}}}}}
     with pytest.raises(ValueError):
         Reply.model_validate({"items": [{"text": "x" * 601}]})
