@@ -200,7 +200,9 @@ def down_llm():
 
 
 def test_no_llm_runs_golden_retrieval_only_and_does_not_pass(handbook_index, tmp_path):
-    settings = settings_for(handbook_index, tmp_path, llm=down_llm())
+    port = free_port()
+    settings = settings_for(handbook_index, tmp_path, llm={
+        "base_url": f"http://kbsync:url-secret@127.0.0.1:{port}/v1", "api_key": "sk-key-secret"})
     state, report = run_flow(settings)
 
     assert state.is_completed() and state.name == "Unchecked"
@@ -214,6 +216,10 @@ def test_no_llm_runs_golden_retrieval_only_and_does_not_pass(handbook_index, tmp
     assert report["llm"]["available"] is False and report["llm"]["calls"]["calls"] == 0
     markdown = artifacts_of(state)[REPORT_ARTIFACT].data
     assert "NOT CHECKED" in markdown and "ANSWER QUALITY NOT CHECKED" in markdown
+    saved = Path(report["report_path"]).read_text()
+    for text in (markdown, saved, state.message, json.dumps(read_history(settings))):
+        assert "url-secret" not in text and "sk-key-secret" not in text
+    assert f"http://***@127.0.0.1:{port}/v1" in markdown
 
     # no golden set either: nothing is measured, and the report says so
     bare = settings_for(handbook_index, tmp_path / "bare", llm=down_llm(), golden=False)
