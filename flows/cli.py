@@ -7,12 +7,16 @@ Commands:
     kbsync query TEXT [-k N] [--source S]
     kbsync deployments [--output PATH]      prefect.yaml for `prefect deploy`
     kbsync serve [DEPLOYMENT...]            serve the deployments with their schedules
+    kbsync validate [--sample N] [--seed S] [--standin] | kbsync validate --history
+    kbsync llm serve [--port P]
 
 Global options (before the command): ``--config PATH`` (else ``$KBSYNC_CONFIG``, else
 ``./kbsync.yaml``) and ``--data-dir PATH``.
 
-Exit codes: 0 success; 1 the run failed or some documents failed; 2 bad usage or
-configuration. Every failure ends with a one-line reason on stderr.
+Exit codes: 0 success; 1 the run failed or some documents failed (for ``validate``: a
+threshold was missed); 2 bad usage or configuration; 3 ``validate`` could not check
+answer quality (no LLM answered) or had nothing to measure. Every failure ends with a
+one-line reason on stderr.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from rich.table import Table
 import flows  # noqa: F401 - sets telemetry-off defaults before prefect is imported
 from connectors.base import ConnectorError
 from connectors.chroma import EmbeddingModelMismatch, StoreError
+from connectors.llm import LLMError
 from flows.settings import ConfigError, Settings, load_settings
 from transforms.embedding import EmbeddingModelError
 
@@ -81,7 +86,8 @@ def handle_errors(fn):
             raise
         except ConfigError as exc:
             raise _fail(str(exc), 2) from None
-        except (ConnectorError, EmbeddingModelMismatch, StoreError, EmbeddingModelError) as exc:
+        except (ConnectorError, EmbeddingModelMismatch, StoreError, EmbeddingModelError,
+                LLMError) as exc:
             raise _fail(_one_line(exc)) from None
         except KeyboardInterrupt:
             raise _fail("interrupted", 130) from None
@@ -172,6 +178,9 @@ def sync(
     repo: Annotated[str | None, typer.Option("--repo", help="sync this git repository (path or "
                                              "clone URL) instead of the configured sources")] = None,
     name: Annotated[str | None, typer.Option("--name", help="source name for --repo")] = None,
+    validate: Annotated[bool, typer.Option(
+        "--validate", help="run the validation flow after syncing several sources "
+                           "(scheduled sync-all runs do when validation.after_sync)")] = False,
 ) -> None:
     """Incremental sync of the configured sources (or the ones named)."""
     extra: dict[str, Any] = {}
@@ -194,7 +203,7 @@ def sync(
     else:
         try:
             results = _run_with_progress(sync_all, full=full, sources=names, config_path=config,
-                                         overrides=overrides)
+                                         overrides=overrides, validation=validate)
         except SyncAllFailed as exc:
             raise _fail(str(exc)) from None
         summaries = list(results.values())
@@ -404,6 +413,191 @@ def reindex(
     finally:
         index.close()
     console.print(f"lexical index rebuilt: {n} chunks in {settings.lexical_path}")
+
+
+STATUS_STYLE = {"passed": "bold green", "failed": "bold red", "unchecked": "bold yellow"}
+STATUS_EXIT = {"passed": 0, "failed": 1, "unchecked": 3}
+
+
+def _num(value: Any, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    k = report["run"]["top_k"]
+    style = STATUS_STYLE[report["status"]]
+    console.print(f"[{style}]validation {report['status'].upper()}[/]: {report['reason']}",
+                  highlight=False, soft_wrap=True)
+    for note in report["notes"]:
+        console.print(f"  note: {note}", highlight=False, markup=False, soft_wrap=True)
+    table = Table(title=f"validation (hit rates and MRR at k={k}; faithfulness 0-1, "
+                        "correctness 1-5)", box=None, pad_edge=False)
+    for column in ("set", "n", "chunk hit", "chunk MRR", "doc hit", "doc MRR", "faith",
+                   "correct", "judge fail"):
+        table.add_column(column, justify="right" if column != "set" else "left",
+                         no_wrap=column == "set")
+    rows = [(label, m) for label, m in report["metrics"].items() if m]
+    rows += [(f"  {source}", m) for source, m in report["by_source"].items()]
+    for label, m in rows:
+        table.add_row(label, str(m["questions"]), _num(m["chunk_hit_rate"]), _num(m["chunk_mrr"]),
+                      _num(m["doc_hit_rate"]), _num(m["doc_mrr"]), _num(m["faithfulness"]),
+                      _num(m["correctness"]), str(m["judge_failures"]))
+    console.print(table)
+    llm = report["llm"]
+    calls = llm["calls"]
+    used = ", ".join(llm["models_used"]) or "none"
+    line = f"model: {llm['primary']}; answered and judged by: {used}"
+    if calls.get("calls"):
+        line += (f"; {calls['calls']} LLM calls, mean {calls['latency_mean_seconds']:.1f} s, "
+                 f"p95 {calls['latency_p95_seconds']:.1f} s, {calls['prompt_tokens']} prompt + "
+                 f"{calls['completion_tokens']} completion tokens")
+    console.print(line, highlight=False, markup=False, soft_wrap=True)
+    console.print(f"seconds: {report['run']['seconds'].get('total', 0):.1f}; seed "
+                  f"{report['run']['seed']}; report: {report.get('report_path', '')}",
+                  highlight=False, markup=False, soft_wrap=True)
+
+
+def _print_history(settings: Settings) -> None:
+    from flows.validate import read_history
+
+    entries = read_history(settings, last=30)
+    if not entries:
+        console.print(f"no validation runs yet under {settings.validation_dir}")
+        return
+    k = entries[-1].get("top_k", 5)
+    console.print(f"validation history ({settings.validation_dir}): document hit rate and MRR "
+                  f"at k={k}; golden = the golden set's document hit rate; ↑/↓ against the "
+                  "run before", highlight=False, soft_wrap=True)
+    table = Table(box=None, pad_edge=False)
+    for column in ("UTC", "status", "n", "chunk hit", "doc hit", "MRR", "faith", "corr",
+                   "golden", "model"):
+        table.add_column(column, no_wrap=column != "model", overflow="fold",
+                         min_width=12 if column == "model" else None)
+    previous: dict[str, Any] = {}
+    for entry in entries:
+        sample = entry.get("sample") or {}
+        golden = entry.get("golden") or {}
+
+        def cell(value: Any, key: str) -> str:
+            text = _num(value)
+            before = previous.get(key)
+            if isinstance(value, int | float) and isinstance(before, int | float):
+                text += " ↑" if value > before + 1e-9 else " ↓" if value < before - 1e-9 else ""
+            if value is not None:
+                previous[key] = value
+            return text
+
+        status = entry.get("status", "?")
+        table.add_row(
+            str(entry.get("started_at", ""))[5:16].replace("T", " "),
+            f"[{STATUS_STYLE.get(status, '')}]{status}[/]",
+            str(sample.get("questions", "–")),
+            cell(sample.get("chunk_hit_rate"), "chunk"), cell(sample.get("doc_hit_rate"), "doc"),
+            cell(sample.get("doc_mrr"), "mrr"), cell(sample.get("faithfulness"), "faith"),
+            cell(sample.get("correctness"), "correct"), cell(golden.get("doc_hit_rate"), "golden"),
+            ", ".join(m.split(" @ ")[0] for m in entry.get("models", [])),
+        )
+    console.print(table)
+
+
+def _standin_overrides(endpoint: Any) -> dict[str, Any]:
+    from connectors.llm import PACKAGED_MODEL_CONTEXT
+
+    return {"llm": {"base_url": endpoint.base_url, "model": endpoint.model, "fallbacks": [],
+                    "max_context_tokens": PACKAGED_MODEL_CONTEXT, "max_reply_tokens": 256}}
+
+
+@app.command("validate")
+@handle_errors
+def validate_cmd(
+    sample: Annotated[int | None, typer.Option("--sample", "-n", min=1, max=1000,
+                                               help="chunks to sample (default "
+                                                    "validation.sample_size)")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="repeat a sample")] = None,
+    history: Annotated[bool, typer.Option("--history", help="print the trend of past runs "
+                                                            "and exit")] = False,
+    standin: Annotated[bool, typer.Option(
+        "--standin", help="when no configured LLM endpoint answers, start the packaged "
+                          "SmolLM2-135M stand-in (llama-cpp-python) for this run")] = False,
+) -> None:
+    """Spot-check retrieval and answer quality with the LLM (exit 1 failed, 3 unchecked)."""
+    settings = _settings()
+    if history:
+        _print_history(settings)
+        return
+    from connectors.llm import LLMClient, LLMUnavailable, StandinServer
+    from flows.validate import report_of, validate
+
+    extra: dict[str, Any] = {}
+    server = None
+    if standin:
+        probe = LLMClient(settings.llm.config())
+        try:
+            endpoint = probe.probe()
+            err_console.print(f"using the configured LLM: {endpoint.label}", highlight=False)
+        except LLMUnavailable as exc:
+            err_console.print(f"{exc}\nstarting the packaged stand-in model (SmolLM2-135M; "
+                              "small and often wrong: it checks the pipeline, not the facts)",
+                              highlight=False, markup=False)
+            server = StandinServer(log_path=settings.data_dir / "llm-standin.log")
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            extra = _standin_overrides(server.start())
+        finally:
+            probe.close()
+    try:
+        with _progress() as progress:
+            progress.add_task("validating (LLM calls take a while)", total=None)
+            state = validate(sample_size=sample, seed=seed,
+                             config_path=str(OPTIONS.config) if OPTIONS.config else None,
+                             overrides=_overrides(**extra), return_state=True)
+    finally:
+        if server is not None:
+            server.stop()
+    report = report_of(state)
+    _print_report(report)
+    code = STATUS_EXIT[report["status"]]
+    if code:
+        raise _fail(f"validation {report['status']}: {report['reason']}", code)
+
+
+llm_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                      help="The local model server.")
+app.add_typer(llm_app, name="llm")
+
+
+@llm_app.command("serve")
+@handle_errors
+def llm_serve(
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8080,
+    model: Annotated[Path | None, typer.Option(
+        "--model", help="a GGUF file (default: the packaged SmolLM2-135M-Instruct)")] = None,
+    alias: Annotated[str | None, typer.Option("--alias", help="the model name clients use")] = None,
+    n_ctx: Annotated[int, typer.Option("--n-ctx", min=256, help="context window, tokens")] = 2048,
+    threads: Annotated[int | None, typer.Option("--threads", min=1)] = None,
+) -> None:
+    """Serve a local GGUF model (default: the packaged stand-in) on an OpenAI-compatible
+    API with llama-cpp-python, for machines without Ollama. Runs until Ctrl-C."""
+    import os
+    import sys
+    from importlib.util import find_spec
+
+    from connectors.llm import PACKAGED_MODEL_ALIAS, packaged_model_path, server_command
+
+    if find_spec("llama_cpp") is None:
+        raise _fail("llama-cpp-python is not installed: `make install` builds it, or "
+                    "CMAKE_ARGS='-DLLAVA_BUILD=OFF' pip install 'llama-cpp-python[server]'")
+    path = model or packaged_model_path()
+    name = alias or (PACKAGED_MODEL_ALIAS if model is None else path.stem)
+    cmd = server_command(path, host=host, port=port, alias=name, n_ctx=n_ctx, threads=threads)
+    err_console.print(
+        f"serving {path.name} as {name!r} on http://{host}:{port}/v1 — point kbsync at it:\n"
+        f"  export KBSYNC_LLM__BASE_URL=http://{host}:{port}/v1 KBSYNC_LLM__MODEL={name} "
+        f"KBSYNC_LLM__MAX_CONTEXT_TOKENS={n_ctx} KBSYNC_LLM__MAX_REPLY_TOKENS="
+        f"{min(256, n_ctx // 4)}", highlight=False, markup=False, soft_wrap=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(cmd[0], cmd)  # the server replaces this process: Ctrl-C and signals reach it
 
 
 def main() -> None:

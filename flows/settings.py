@@ -37,6 +37,17 @@ from connectors.confluence import ConfluenceConnector, ConfluenceSourceOptions
 from connectors.git import GitConnector, GitSourceOptions
 from connectors.gitlab import PARTS, GitLabConnector, GitLabSourceOptions
 from connectors.jira import JiraConnector, JiraSourceOptions
+from connectors.llm import (
+    DEFAULT_API_KEY,
+    DEFAULT_BASE_URL,
+    DEFAULT_PRESETS,
+    Endpoint,
+    LLMConfig,
+    Sampling,
+)
+from connectors.llm import (
+    DEFAULT_MODEL as DEFAULT_LLM_MODEL,
+)
 from transforms.embedding import DEFAULT_MODEL, EmbedderSpec
 
 DEFAULT_CONFIG_FILE = "kbsync.yaml"
@@ -144,6 +155,105 @@ class DeploymentSettings(_Model):
         "30 2 * * *", description="cron of the nightly sync-all with reconciliation")
     validate_schedule: str | None = Field(None, description="cron of the validate deployment")
     timezone: str = Field("UTC", description="time zone the cron schedules are read in")
+
+
+class SamplingPreset(_Model):
+    """Sampling of one kind of LLM call."""
+
+    temperature: float = Field(ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class LLMFallback(_Model):
+    """Another model to use when the ones before it cannot be reached or time out;
+    ``base_url`` and ``api_key`` default to the primary's."""
+
+    model: str = Field(min_length=1)
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    timeout_seconds: float | None = Field(None, gt=0, description="default llm.timeout_seconds")
+
+
+def _default_presets() -> dict[str, SamplingPreset]:
+    return {name: SamplingPreset(temperature=p.temperature, top_p=p.top_p)
+            for name, p in DEFAULT_PRESETS.items()}
+
+
+class LLMSettings(_Model):
+    """The model server the validation flow asks (any OpenAI-compatible chat API)."""
+
+    base_url: str = Field(DEFAULT_BASE_URL, description="OpenAI-compatible API root (Ollama /v1)")
+    model: str = Field(DEFAULT_LLM_MODEL, min_length=1)
+    api_key: SecretStr = Field(SecretStr(DEFAULT_API_KEY), description="local servers ignore it")
+    timeout_seconds: float = Field(300.0, gt=0, description="read timeout of one request")
+    connect_timeout_seconds: float = Field(5.0, gt=0)
+    retries: int = Field(2, ge=0, description="retries on connection errors, timeouts, 429, 5xx")
+    retry_backoff_seconds: float = Field(2.0, ge=0, description="first wait; doubles each retry")
+    max_context_tokens: int = Field(8192, ge=256,
+                                    description="the server's context window (Ollama num_ctx)")
+    max_reply_tokens: int = Field(2048, ge=16, description="reasoning included")
+    presets: dict[str, SamplingPreset] = Field(default_factory=_default_presets)
+    fallbacks: list[LLMFallback] = Field(default_factory=list)
+
+    @field_validator("presets")
+    @classmethod
+    def _factual_preset(cls, presets: dict[str, SamplingPreset]) -> dict[str, SamplingPreset]:
+        merged = {**_default_presets(), **presets}
+        if merged["factual"].temperature > 0.3:
+            raise ValueError("the 'factual' preset (used for judging) needs temperature <= 0.3")
+        return merged
+
+    @model_validator(mode="after")
+    def _reply_fits(self) -> LLMSettings:
+        if self.max_reply_tokens >= self.max_context_tokens:
+            raise ValueError("max_reply_tokens must be smaller than max_context_tokens")
+        return self
+
+    def config(self) -> LLMConfig:
+        """The connector's configuration: the primary endpoint, then the fallbacks."""
+        key = self.api_key.get_secret_value()
+        endpoints = [Endpoint(self.base_url, self.model, key)] + [
+            Endpoint(f.base_url or self.base_url, f.model,
+                     f.api_key.get_secret_value() if f.api_key else key, f.timeout_seconds)
+            for f in self.fallbacks]
+        return LLMConfig(
+            endpoints=tuple(endpoints), timeout_seconds=self.timeout_seconds,
+            connect_timeout_seconds=self.connect_timeout_seconds, retries=self.retries,
+            backoff_seconds=self.retry_backoff_seconds,
+            max_context_tokens=self.max_context_tokens, max_reply_tokens=self.max_reply_tokens,
+            presets={n: Sampling(p.temperature, p.top_p) for n, p in self.presets.items()})
+
+
+class ValidationThresholds(_Model):
+    """What a validation run must reach; ``null`` turns a check off. Hit rates and MRR
+    are 0..1 at ``validation.top_k``; faithfulness is 0..1; correctness is 1..5."""
+
+    min_doc_hit_rate: float | None = Field(0.8, ge=0, le=1)
+    min_chunk_hit_rate: float | None = Field(None, ge=0, le=1)
+    min_doc_mrr: float | None = Field(None, ge=0, le=1)
+    min_faithfulness: float | None = Field(0.8, ge=0, le=1)
+    min_correctness: float | None = Field(3.0, ge=1, le=5)
+    max_judge_failure_rate: float | None = Field(0.25, ge=0, le=1)
+
+
+class ValidationSettings(_Model):
+    """The validation flow: sampled chunks -> questions -> retrieval -> answers -> judge."""
+
+    after_sync: bool = Field(True, description="run after each sync-all (scheduled syncs)")
+    sample_size: int = Field(20, ge=1, le=1000)
+    seed: int | None = Field(None, description="fixed sample; default a new one per run")
+    top_k: int = Field(5, ge=1, le=100)
+    check_answers: bool = Field(True, description="answer and judge (else questions and "
+                                                  "retrieval only)")
+    min_chunk_chars: int = Field(200, ge=0, description="shorter chunks are not sampled")
+    recency_half_life_days: float = Field(30.0, gt=0)
+    recency_boost: float = Field(3.0, ge=0, description="a just-changed document is "
+                                                         "1 + boost times as likely")
+    golden_set: Path | None = Field(None, description="YAML: question, expected, reference")
+    history_keep: int = Field(200, ge=1, description="JSON reports kept under the data dir")
+    thresholds: ValidationThresholds = Field(default_factory=ValidationThresholds)
+    golden_thresholds: ValidationThresholds | None = Field(
+        None, description="for the golden set; default the same as thresholds")
 
 
 class GitSource(_Model):
@@ -388,6 +498,8 @@ class Settings(BaseSettings):
     lexical: LexicalSettings = Field(default_factory=LexicalSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     deployments: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    llm: LLMSettings = Field(default_factory=LLMSettings)
+    validation: ValidationSettings = Field(default_factory=ValidationSettings)
     sources: list[SourceSettings] = Field(default_factory=list)
 
     @field_validator("sources")
@@ -421,6 +533,10 @@ class Settings(BaseSettings):
         """Where remote-mode batches are staged: ``embedding.staging`` or
         ``<data_dir>/staging``."""
         return self.embedding.staging or str(self.data_dir / "staging")
+
+    def validation_dir(self) -> Path:
+        """Where validation reports and their history are written."""
+        return self.data_dir / "validation"
 
     def source(self, name: str) -> Any:
         """The settings of source ``name``; raises :class:`ConfigError` if unknown."""

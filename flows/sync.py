@@ -516,10 +516,14 @@ class SyncAllFailed(Exception):
 def sync_all(full: bool = False, sources: list[str] | None = None,
              config_path: str | None = None,
              overrides: dict[str, Any] | None = None,
-             reconcile: bool = False) -> dict[str, dict[str, Any]]:
-    """Sync every configured source (or those named), each as a ``sync-source`` subflow.
+             reconcile: bool = False,
+             validation: bool | None = None) -> dict[str, dict[str, Any]]:
+    """Sync every configured source (or those named), each as a ``sync-source`` subflow,
+    then run the ``validate`` subflow when ``validation`` (default
+    ``validation.after_sync``) is true.
 
     A failing source does not stop the others; the flow fails at the end, naming them.
+    A failed validation does not fail this flow: its own run is Failed in the UI.
     ``reconcile`` reconciles deletions of every source (the nightly deployment sets it).
     """
     settings = load_settings(config_path, **(overrides or {}))
@@ -536,8 +540,19 @@ def sync_all(full: bool = False, sources: list[str] | None = None,
             except BaseException as exc:  # noqa: BLE001 - reported below
                 results[name] = {"source": name, "status": "failed",
                                  "error": f"{type(exc).__name__}: {exc}"}
+    if settings.validation.after_sync if validation is None else validation:
+        _validate_after_sync(config_path, overrides)
     bad = [n for n, r in results.items() if r.get("status") == "failed"]
     if bad:
         raise SyncAllFailed(f"sources failed: {', '.join(bad)}; " + "; ".join(
             f"{n}: {results[n].get('error')}" for n in bad))
     return results
+
+
+def _validate_after_sync(config_path: str | None, overrides: dict[str, Any] | None) -> None:
+    """Run the ``validate`` subflow; its outcome is logged, never raised."""
+    from flows.validate import validate
+
+    state = validate(config_path=config_path, overrides=overrides, return_state=True)
+    get_run_logger().log(logging.INFO if state.is_completed() and state.name == "Completed"
+                         else logging.WARNING, "validation %s: %s", state.name, state.message)

@@ -149,3 +149,26 @@ def long_markdown(sections: int = 12, paragraphs: int = 3) -> str:
             )
             out.append("")
     return "\n".join(out)
+
+
+@pytest.fixture(scope="session")
+def llm_server(tmp_path_factory):
+    """One real llama-cpp-python server on the packaged SmolLM2-135M-Instruct model for
+    the whole session (``--n_ctx 2048 --n_threads 2 --n_threads_batch 2``).
+
+    Skips when llama-cpp-python is not installed, unless ``KBSYNC_REQUIRE_LLM=1`` (set
+    by ``.ci/run``), where a missing server fails the tests.
+    """
+    from importlib.util import find_spec
+
+    from connectors.llm import StandinServer
+
+    if find_spec("llama_cpp") is None:
+        if os.environ.get("KBSYNC_REQUIRE_LLM") == "1":
+            pytest.fail("llama-cpp-python is not installed (KBSYNC_REQUIRE_LLM=1)")
+        pytest.skip("llama-cpp-python is not installed (`make install` builds it)")
+    server = StandinServer(threads=2, log_path=tmp_path_factory.mktemp("llm") / "server.log",
+                           alias="smollm2-test")
+    server.start()
+    yield server
+    server.stop()
