@@ -534,6 +534,7 @@ class Settings(BaseSettings):
         ``<data_dir>/staging``."""
         return self.embedding.staging or str(self.data_dir / "staging")
 
+    @property
     def validation_dir(self) -> Path:
         """Where validation reports and their history are written."""
         return self.data_dir / "validation"
