@@ -158,6 +158,9 @@ def _summary_table(summaries: list[dict[str, Any]]) -> Table:
 
 
 def _exit_for(summaries: list[dict[str, Any]]) -> None:
+    busy = [s["source"] for s in summaries if s.get("status") == "busy"]
+    if busy:
+        raise _fail(f"not synced, another run holds them: {', '.join(busy)}")
     failed_docs = sum(s.get("documents_failed", 0) for s in summaries)
     if failed_docs:
         raise _fail(f"{failed_docs} document(s) failed and will be retried; see `kbsync status`")

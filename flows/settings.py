@@ -139,6 +139,9 @@ class SyncSettings(_Model):
     fetch_retry_delay_seconds: float = Field(5.0, ge=0)
     reconcile_every: int = Field(
         24, ge=0, description="reconcile deletions every N syncs of a source (0 = only --full)")
+    lock_ttl_seconds: float = Field(
+        3600, ge=30, description="a run's lease on its source, renewed after every page; a "
+                                 "run that died frees the source after this long")
 
 
 class DeploymentSettings(_Model):

@@ -11,6 +11,9 @@ Tables:
     ``document_issues``  one row per (source, document) that was skipped or failed,
                  with the reason and how many runs saw it; removed when the document
                  is indexed or deleted.
+    ``source_locks``  one row per source being synced: a lease (owner, expiry) so that
+                 two runs of one source never interleave, whichever way they were
+                 started (a deployment, the nightly ``sync-all``, a backfill, the CLI).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +33,13 @@ from sqlalchemy import (
     create_engine,
     delete,
     func,
+    insert,
+    or_,
     select,
+    update,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -84,6 +91,25 @@ class IssueRow(Base):
     first_seen: Mapped[datetime] = mapped_column(UTCDateTime)
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime)
     attempts: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class LockRow(Base):
+    __tablename__ = "source_locks"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200))
+    acquired_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+@dataclass(frozen=True)
+class SourceLock:
+    """Who holds a source's lease, and until when (aware UTC)."""
+
+    name: str
+    owner: str
+    acquired_at: datetime
+    expires_at: datetime
 
 
 @dataclass(frozen=True)
@@ -271,3 +297,61 @@ class StateStore:
                 select(IssueRow.source, IssueRow.kind, func.count()).group_by(
                     IssueRow.source, IssueRow.kind))
             return {(s, k): n for s, k, n in rows}
+
+    # -------------------------------------------------------------------- locks
+
+    def acquire_lock(self, name: str, owner: str, ttl_seconds: float) -> SourceLock | None:
+        """Take the lease on source ``name`` for ``ttl_seconds``.
+
+        Succeeds when nobody holds it, when the holder's lease expired (a run that died
+        without releasing it), or when ``owner`` already holds it. Atomic on SQLite and
+        PostgreSQL: a conditional ``UPDATE``, else an ``INSERT`` that a concurrent
+        winner makes fail on the primary key.
+
+        Returns:
+            ``None`` when the lease is now ``owner``'s; otherwise the current holder's
+            :class:`SourceLock` (nothing is changed).
+        """
+        now = _now()
+        until = now + timedelta(seconds=ttl_seconds)
+        with self.engine.begin() as conn:
+            taken = conn.execute(
+                update(LockRow)
+                .where(LockRow.name == name,
+                       or_(LockRow.expires_at < now, LockRow.owner == owner))
+                .values(owner=owner, acquired_at=now, expires_at=until))
+            if taken.rowcount == 1:
+                return None
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(LockRow).values(name=name, owner=owner, acquired_at=now,
+                                                    expires_at=until))
+            return None
+        except IntegrityError:
+            holder = self.lock(name)
+            if holder is None:  # released between our two statements: try once more
+                return self.acquire_lock(name, owner, ttl_seconds)
+            return holder
+
+    def renew_lock(self, name: str, owner: str, ttl_seconds: float) -> bool:
+        """Extend ``owner``'s lease to ``ttl_seconds`` from now; False if it is not
+        ``owner``'s any more (it expired and another run took it)."""
+        until = _now() + timedelta(seconds=ttl_seconds)
+        with self.engine.begin() as conn:
+            res = conn.execute(update(LockRow).where(LockRow.name == name,
+                                                     LockRow.owner == owner)
+                               .values(expires_at=until))
+            return res.rowcount == 1
+
+    def release_lock(self, name: str, owner: str) -> None:
+        """Give the lease back (only ``owner``'s; another holder's is left alone)."""
+        with self.engine.begin() as conn:
+            conn.execute(delete(LockRow).where(LockRow.name == name, LockRow.owner == owner))
+
+    def lock(self, name: str) -> SourceLock | None:
+        """The current lease on ``name``, expired or not; None when there is none."""
+        with Session(self.engine) as session:
+            row = session.get(LockRow, name)
+            if row is None:
+                return None
+            return SourceLock(row.name, row.owner, row.acquired_at, row.expires_at)

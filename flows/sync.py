@@ -135,6 +135,8 @@ class Pipeline:
                  embed_parameters: dict[str, Any] | None = None) -> None:
         self.settings = settings
         self.embed_parameters = embed_parameters or {}
+        #: ``(owner, ttl_seconds)`` of the run's lease on its source, renewed per page
+        self.lock: tuple[str, float] | None = None
         self.state = StateStore(settings.resolved_state_url)
         self.model_name, _ = resolve_model(settings.embedding.model)
         self._embedder: Embedder | None = None
@@ -369,6 +371,22 @@ def _parse_time(value: str | datetime | None) -> datetime | None:
     return utc(datetime.fromisoformat(value))
 
 
+class SourceBusy(Exception):
+    """Another run of the same source holds its lease (``flows.state`` ``source_locks``);
+    this run did nothing. Not a failure of the source: try again when that run ends."""
+
+
+def _lock_owner() -> str:
+    """Who a run is: its Prefect flow run id when there is one, plus host and process."""
+    import os
+    import socket
+    import uuid
+
+    ctx = FlowRunContext.get()
+    run = str(ctx.flow_run.id) if ctx is not None and ctx.flow_run is not None else uuid.uuid4().hex
+    return f"{run}@{socket.gethostname()}:{os.getpid()}"[:200]
+
+
 def run_sync(settings: Settings, source: str, *, full: bool = False,
              since: str | datetime | None = None, until: str | datetime | None = None,
              connector: SourceConnector | None = None,
@@ -393,12 +411,29 @@ def run_sync(settings: Settings, source: str, *, full: bool = False,
         flows.settings.ConfigError: unknown source.
         ConnectorError: the source cannot be read at all.
         connectors.chroma.EmbeddingModelMismatch: the collection holds another model.
+        SourceBusy: another run of ``source`` holds its lease; nothing was done.
         flows.embed.RemoteEmbedError: (remote mode) an embed run did not complete; the
             cursor stays and the staged batch is kept.
     """
     source_settings = settings.source(source)
-    connector = connector or source_settings.build(settings)
-    pipeline = pipeline or Pipeline(settings, embed_parameters=embed_parameters)
+    owner, ttl = _lock_owner(), settings.sync.lock_ttl_seconds
+    state = pipeline.state if pipeline is not None else StateStore(settings.resolved_state_url)
+    holder = state.acquire_lock(source, owner, ttl)
+    if holder is not None:
+        if pipeline is None:
+            state.close()
+        raise SourceBusy(f"source {source!r} is being synced by another run ({holder.owner}, "
+                         f"lease until {holder.expires_at:%Y-%m-%d %H:%M:%S} UTC); "
+                         "nothing was done")
+    try:
+        connector = connector or source_settings.build(settings)
+        pipeline = pipeline or Pipeline(settings, embed_parameters=embed_parameters)
+    except BaseException:
+        state.release_lock(source, owner)
+        raise
+    pipeline.lock = (owner, ttl)
+    if state is not pipeline.state:
+        state.close()
     since_dt, until_dt = _parse_time(since), _parse_time(until)
     summary = SyncSummary(source=source,
                           mode="backfill" if since_dt else "full" if full else "incremental")
@@ -413,6 +448,7 @@ def run_sync(settings: Settings, source: str, *, full: bool = False,
         raise
     finally:
         _publish(summary)
+        pipeline.state.release_lock(source, owner)
         pipeline.close()
         close = getattr(connector, "close", None)
         if callable(close):
@@ -453,6 +489,9 @@ def _run(pipeline: Pipeline, connector: SourceConnector, summary: SyncSummary, *
             failed.extend(page_failures)
         state.save_checkpoint(summary.source, request.key(), page.checkpoint)
         reader.checkpoint = page.checkpoint
+        if pipeline.lock is not None and not state.renew_lock(summary.source, *pipeline.lock):
+            raise SourceBusy(f"the lease on {summary.source!r} expired during this run and "
+                             "another run took it; stopping (raise sync.lock_ttl_seconds)")
         if page.cursor is not None:  # the last page: the source has nothing more
             final_cursor = page.cursor
             break
@@ -537,6 +576,9 @@ def sync_all(full: bool = False, sources: list[str] | None = None,
         else:
             try:
                 state.result()
+            except SourceBusy as exc:  # another run is syncing it right now: not a failure
+                get_run_logger().warning("%s", exc)
+                results[name] = {"source": name, "status": "busy", "error": str(exc)}
             except BaseException as exc:  # noqa: BLE001 - reported below
                 results[name] = {"source": name, "status": "failed",
                                  "error": f"{type(exc).__name__}: {exc}"}

@@ -87,9 +87,27 @@ def _exercise(store: StateStore, name: str) -> None:
     assert name in store.names()
 
 
+def _exercise_lock(store: StateStore, name: str) -> None:
+    assert store.acquire_lock(name, "run-a", 600) is None
+    assert store.acquire_lock(name, "run-a", 600) is None  # the holder may take it again
+    held = store.acquire_lock(name, "run-b", 600)
+    assert held is not None and held.owner == "run-a" and held.expires_at.tzinfo is not None
+    assert store.renew_lock(name, "run-a", 600) and not store.renew_lock(name, "run-b", 600)
+    store.release_lock(name, "run-b")  # not b's: nothing happens
+    assert store.lock(name).owner == "run-a"
+    store.release_lock(name, "run-a")
+    assert store.lock(name) is None
+    assert store.acquire_lock(name, "run-b", -1) is None  # a lease that has already run out
+    assert store.acquire_lock(name, "run-c", 600) is None  # ... is taken over
+    assert not store.renew_lock(name, "run-b", 600)  # and b learns it lost it
+    store.release_lock(name, "run-c")
+    assert store.lock(name) is None
+
+
 def test_sqlite_state_store(tmp_path):
     store = StateStore(f"sqlite:///{tmp_path / 'nested' / 'state.db'}")
     _exercise(store, "src")
+    _exercise_lock(store, "src")
     # a second process sees the same state
     assert StateStore(store.url).get("src").cursor == {"commit": "abc"}
 
@@ -107,6 +125,8 @@ def test_postgres_state_store():
     name = f"pg-{uuid.uuid4().hex[:8]}"
     try:
         _exercise(store, name)
+        _exercise_lock(store, name)
     finally:
+        store.release_lock(name, "run-a")
         store.reset(name)
         store.close()

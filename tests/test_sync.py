@@ -6,11 +6,12 @@ from collections import Counter
 
 import chromadb
 import pytest
+import yaml
 
 from connectors.base import DocumentIssue, FetchRequest
 from connectors.chroma import ChromaStore, EmbeddingModelMismatch
 from flows.state import StateStore
-from flows.sync import run_sync, sync_source
+from flows.sync import SourceBusy, run_sync, sync_all, sync_source
 from tests.conftest import long_markdown
 from transforms.chunking import ChunkingConfig, chunk_document
 
@@ -309,3 +310,29 @@ def test_sync_source_flow_loads_config_file(make_repo, tmp_path):
     assert summary["documents_added"] == 1
     store = ChromaStore(path=tmp_path / "filedata" / "chroma")
     assert store.count() == 1
+
+
+def test_a_source_synced_by_another_run_is_left_alone(make_repo, make_settings, tmp_path):
+    """Two runs of one source never interleave, however they were started: a run that
+    finds the source's lease held does nothing; sync-all syncs the others and says so."""
+    busy_repo, free_repo = make_repo({"a.md": "# A\n\nalpha\n"}), make_repo({"b.md": "# B\n\nb\n"})
+    settings = make_settings(busy_repo, free_repo, names=["busy", "free"])
+    state = StateStore(settings.resolved_state_url)
+    assert state.acquire_lock("busy", "another-run@elsewhere", 600) is None
+
+    with pytest.raises(SourceBusy, match="another run"):
+        sync(settings, "busy")
+    assert state.get("busy").last_status is None  # not marked failed: it was not run
+    assert state.lock("busy").owner == "another-run@elsewhere"  # and the lease is untouched
+
+    config = tmp_path / "kbsync.yaml"
+    config.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude_none=True)))
+    results = sync_all(config_path=str(config), validation=False)
+    assert results["busy"]["status"] == "busy"
+    assert results["free"]["status"] == "completed"
+    assert set(chunks_by_doc(settings)) == {"free:b.md"}
+    assert state.lock("free") is None  # released after the run
+
+    state.release_lock("busy", "another-run@elsewhere")
+    assert sync(settings, "busy")["status"] == "completed"
+    assert state.lock("busy") is None
