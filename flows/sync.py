@@ -416,24 +416,17 @@ def run_sync(settings: Settings, source: str, *, full: bool = False,
             cursor stays and the staged batch is kept.
     """
     source_settings = settings.source(source)
-    owner, ttl = _lock_owner(), settings.sync.lock_ttl_seconds
-    state = pipeline.state if pipeline is not None else StateStore(settings.resolved_state_url)
-    holder = state.acquire_lock(source, owner, ttl)
+    connector = connector or source_settings.build(settings)
+    pipeline = pipeline or Pipeline(settings, embed_parameters=embed_parameters)
+    owner = _lock_owner()
+    holder = pipeline.state.acquire_lock(source, owner, settings.sync.lock_ttl_seconds)
     if holder is not None:
-        if pipeline is None:
-            state.close()
+        pipeline.close()
+        _close(connector)
         raise SourceBusy(f"source {source!r} is being synced by another run ({holder.owner}, "
                          f"lease until {holder.expires_at:%Y-%m-%d %H:%M:%S} UTC); "
                          "nothing was done")
-    try:
-        connector = connector or source_settings.build(settings)
-        pipeline = pipeline or Pipeline(settings, embed_parameters=embed_parameters)
-    except BaseException:
-        state.release_lock(source, owner)
-        raise
-    pipeline.lock = (owner, ttl)
-    if state is not pipeline.state:
-        state.close()
+    pipeline.lock = (owner, settings.sync.lock_ttl_seconds)
     since_dt, until_dt = _parse_time(since), _parse_time(until)
     summary = SyncSummary(source=source,
                           mode="backfill" if since_dt else "full" if full else "incremental")
@@ -450,10 +443,14 @@ def run_sync(settings: Settings, source: str, *, full: bool = False,
         _publish(summary)
         pipeline.state.release_lock(source, owner)
         pipeline.close()
-        close = getattr(connector, "close", None)
-        if callable(close):
-            close()
+        _close(connector)
     return summary
+
+
+def _close(connector: SourceConnector) -> None:
+    close = getattr(connector, "close", None)
+    if callable(close):
+        close()
 
 
 def _run(pipeline: Pipeline, connector: SourceConnector, summary: SyncSummary, *, full: bool,

@@ -23,6 +23,7 @@ from flows.settings import ConfigError, Settings, load_settings
 from flows.state import StateStore
 from tests.confluence_server import EPOCH, FakeConfluence, iso, tiny_pdf
 from tests.conftest import REALDATA
+from tests.test_sync import chunks_by_doc
 from transforms.chunking import ChunkingConfig, chunk_document
 from transforms.storage_format import storage_to_markdown
 
@@ -527,14 +528,6 @@ def flow_settings(tmp_path, fake, **source) -> Settings:
                   "max_retries": 2, **source}],
         sync={"fetch_retry_delay_seconds": 0, "fetch_retries": 1, "reconcile_every": 0})
 
-
-def chunks_by_doc(settings) -> dict[str, set[str]]:
-    client = chromadb.PersistentClient(path=str(settings.chroma_path))
-    res = client.get_collection(settings.chroma.collection).get(include=["metadatas"])
-    out: dict[str, set[str]] = {}
-    for cid, meta in zip(res["ids"], res["metadatas"], strict=True):
-        out.setdefault(meta["doc_id"], set()).add(cid)
-    return out
 
 
 def chunk_meta(settings, doc_id) -> dict:

@@ -20,6 +20,7 @@ from flows.settings import ConfigError, Settings, load_settings
 from flows.state import StateStore
 from flows.sync import run_sync
 from tests.conftest import REALDATA
+from tests.test_sync import chunks_by_doc
 
 FIXTURES = Path(__file__).parent / "fixtures" / "jira"
 TOKEN = "s3cr3t-pat-0123456789"
@@ -379,14 +380,6 @@ def sync(settings: Settings, **kwargs) -> dict:
 
     return _flow()
 
-
-def chunks_by_doc(settings: Settings) -> dict[str, set[str]]:
-    client = chromadb.PersistentClient(path=str(settings.chroma_path))
-    res = client.get_collection(settings.chroma.collection).get(include=["metadatas"])
-    out: dict[str, set[str]] = {}
-    for cid, meta in zip(res["ids"], res["metadatas"], strict=True):
-        out.setdefault(meta["doc_id"], set()).add(cid)
-    return out
 
 
 def test_sync_then_new_comment_embeds_only_the_changed_chunks(httpserver, tmp_path):
