@@ -373,9 +373,13 @@ class Watermark:
         return None if self.value is None else self.value - self.lag
 
     def is_known(self, item: str, version: Any) -> bool:
-        """Whether the cursor this read started from already read ``item`` at ``version``
-        (then :meth:`advance` it and do not read it again)."""
-        return version is not None and self.known.get(str(item), _NOTHING) == version
+        """Whether ``item`` was already read at ``version``, by the run that wrote the
+        cursor this read started from or earlier in this read (then :meth:`advance` it
+        and do not read it again)."""
+        if version is None:
+            return False
+        return self.known.get(str(item), _NOTHING) == version or \
+            self.seen.get(str(item), (_NOTHING,))[0] == version
 
     # ------------------------------------------------------------- recording
 

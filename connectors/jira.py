@@ -67,6 +67,7 @@ from connectors.base import (
     Listing,
     Page,
     TransientSourceError,
+    Watermark,
     redact,
 )
 from transforms.jira_markup import issue_markdown, jira_time, person
@@ -83,8 +84,6 @@ SEARCH_FIELDS = [
 ]
 #: Most keys asked for per page when listing (Jira caps it lower where it must).
 LIST_PAGE_SIZE = 1000
-#: Most issues remembered in the cursor's ``seen`` map (beyond it issues are re-read).
-MAX_SEEN = 5000
 #: The Server/DC "Epic Link" field (a custom field whose id differs per site).
 EPIC_LINK_SCHEMA = "com.pyxis.greenhopper.jira:gh-epic-link"
 _ORDER_BY = re.compile(r"\border\s+by\b", re.I)
@@ -120,10 +119,6 @@ def epoch_ms(moment: datetime) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1000)
-
-
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
 def strip_order_by(jql: str) -> str:
@@ -274,10 +269,8 @@ class JiraConnector:
             clauses.append(f"updated >= {epoch_ms(request.since)}")
             if request.until is not None:
                 clauses.append(f"updated <= {epoch_ms(request.until)}")
-        elif request.cursor and request.cursor.get("updated"):
-            lower = jira_time(request.cursor["updated"]) - timedelta(
-                minutes=self.options.overlap_minutes)
-            clauses.append(f"updated >= {epoch_ms(lower)}")
+        elif (since := self._watermark(request.cursor).since) is not None:
+            clauses.append(f"updated >= {epoch_ms(since)}")
         where = " AND ".join(clauses)
         return (where + " " if where else "") + "ORDER BY updated ASC, key ASC"
 
@@ -414,27 +407,23 @@ class JiraConnector:
         """Yield the issues changed since the cursor (or in the backfill window), a page
         of at most ``page_size`` issues at a time.
 
-        The checkpoint is ``{"start_at" | "token", "max_updated", "seen", "blocked",
-        "rewind", "total"}``: the position of the next page and the cursor so far.
+        The checkpoint is ``{"jql", "start_at" | "token", "total", "watermark"}``: the
+        position of the next page and the :class:`Watermark` so far. A Cloud page token
+        that Jira no longer accepts restarts the read from that watermark.
         """
         jql = self.jql(request)
         fields = self._fields()
-        previous: Cursor = request.cursor or {}
-        prev_seen: dict[str, int] = dict(previous.get("seen") or {})
-        overlap_ms = self.options.overlap_minutes * 60_000
+        wm = self._watermark(request.cursor)
         if checkpoint and checkpoint.get("jql") == jql:
             state = dict(checkpoint)
+            wm = wm.restore(state["watermark"])
         else:
-            prev_updated = previous.get("updated")
-            state = {"jql": jql, "start_at": 0, "token": None, "total": None,
-                     "max_updated": epoch_ms(jira_time(prev_updated)) if prev_updated else None,
-                     "seen": prev_seen, "blocked": False, "rewind": None}
-        seen: dict[str, int] = dict(state["seen"])
+            state = {"jql": jql, "start_at": 0, "token": None, "total": None}
         run_keys: set[str] = set()
         boundary: int | None = None  # updated (ms) of the last issue of the previous page
-        log.info("jira source %r: %s", self.name, jql)
+        log.info("jira source %r: %s", self.name, state["jql"])
         while True:
-            data = self._search(jql, fields, state, self.options.page_size)
+            data = self._search_from(state, fields, wm, request)
             issues = [i for i in data.get("issues") or [] if isinstance(i, Mapping)]
             total = data.get("total")
             shifted = isinstance(total, int) and isinstance(state.get("total"), int) \
@@ -444,28 +433,24 @@ class JiraConnector:
             for raw in issues:
                 key = raw.get("key")
                 updated_ms = _updated_ms(raw)
-                if key in run_keys:
-                    shifted = True
+                at = None if updated_ms is None else _instant(updated_ms)
+                shifted = shifted or key in run_keys
                 run_keys.add(key)
-                if updated_ms is not None:
-                    last_ms = updated_ms
-                if (not request.is_backfill and key in prev_seen
-                        and prev_seen[key] == updated_ms):
-                    if not state["blocked"]:
-                        seen[key] = updated_ms
+                last_ms = updated_ms if updated_ms is not None else last_ms
+                if not request.is_backfill and wm.is_known(key, updated_ms):
+                    wm.advance(key, updated_ms, at)
                     continue  # indexed at this very `updated` by an earlier run
                 result = self._read_issue(raw)
                 if isinstance(result, Document):
                     page.documents.append(result)
-                    if not state["blocked"]:
-                        seen[key] = updated_ms
-                        state["max_updated"] = max(state["max_updated"] or 0, updated_ms)
                 else:
                     page.issues.append(result)
-                    if result.kind == "failed":
-                        state["blocked"] = True
+                if isinstance(result, DocumentIssue) and result.kind == "failed":
+                    wm.hold_at(wm.value)  # nothing after the last issue read counts
+                else:
+                    wm.advance(key, updated_ms, at)
             if shifted and boundary is not None:
-                state["rewind"] = min(state["rewind"] or boundary, boundary)
+                wm.hold_at(_instant(boundary))
             boundary = last_ms
             state["total"] = total if isinstance(total, int) else None
             if self.is_cloud:
@@ -474,24 +459,37 @@ class JiraConnector:
             else:
                 state["start_at"] = int(state.get("start_at") or 0) + len(issues)
                 last = not issues or (isinstance(total, int) and state["start_at"] >= total)
-            seen = _prune(seen, state["max_updated"], overlap_ms)
-            state["seen"] = seen
+            wm.prune()
+            state["watermark"] = wm.to_json()
             page.checkpoint = dict(state)
             if last:
-                page.cursor = self._cursor(state, overlap_ms)
+                page.cursor = wm.result().to_json()
             yield page
             if last:
                 return
 
-    @staticmethod
-    def _cursor(state: Mapping[str, Any], overlap_ms: int) -> Cursor:
-        updated = state.get("max_updated")
-        if updated is None:
-            return {"updated": None, "seen": {}}
-        if state.get("rewind") is not None:
-            updated = min(updated, state["rewind"])
-        return {"updated": _iso(updated), "seen": _prune(state.get("seen") or {}, updated,
-                                                         overlap_ms)}
+    def _watermark(self, cursor: Cursor | None) -> Watermark:
+        return Watermark.read(cursor, key="updated", timespec="milliseconds",
+                              lag=timedelta(minutes=self.options.overlap_minutes))
+
+    def _search_from(self, state: dict[str, Any], fields: list[str], wm: Watermark,
+                     request: FetchRequest) -> dict[str, Any]:
+        """The next search page; a Cloud ``nextPageToken`` Jira rejects (it expired while
+        the checkpoint waited) restarts the read at the watermark so far: the issues
+        before it are read, the ones after it were not (ascending ``updated`` order)."""
+        try:
+            return self._search(state["jql"], fields, state, self.options.page_size)
+        except ConnectorError as exc:
+            if not (state.get("token") and _bad_token(exc)):
+                raise
+        if request.is_backfill:
+            restart = FetchRequest(since=wm.since or request.since, until=request.until)
+        else:
+            restart = FetchRequest(cursor=wm.to_json())
+        log.warning("jira source %r: the saved page token was refused; reading again "
+                    "from %s", self.name, wm.since)
+        state.update(jql=self.jql(restart), token=None, start_at=0, total=None)
+        return self._search(state["jql"], fields, state, self.options.page_size)
 
     def list_ids(self) -> Listing:
         """The keys of every issue the JQL matches now, as document ids.
@@ -537,14 +535,15 @@ class JiraConnector:
             self._client = None
 
 
-def _prune(seen: Mapping[str, int], max_updated: int | None, overlap_ms: int) -> dict[str, int]:
-    """The ``seen`` entries still inside the overlap window, newest ``MAX_SEEN`` kept."""
-    if max_updated is None:
-        return dict(seen)
-    kept = {k: v for k, v in seen.items() if v is not None and v >= max_updated - overlap_ms}
-    if len(kept) > MAX_SEEN:
-        kept = dict(sorted(kept.items(), key=lambda kv: kv[1])[-MAX_SEEN:])
-    return kept
+def _instant(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def _bad_token(exc: ConnectorError) -> bool:
+    """Whether a search that carried a ``nextPageToken`` was refused as a bad request
+    (HTTP 400): its JQL already served the first page, so the token is what Jira refused."""
+    return not isinstance(exc, TransientSourceError) and (
+        "Jira rejected the JQL" in str(exc) or "HTTP 400" in str(exc))
 
 
 def _updated_ms(raw: Mapping[str, Any]) -> int | None:
