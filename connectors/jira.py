@@ -6,9 +6,10 @@ returns inline), each comment under its author and date (see
 :func:`transforms.jira_markup.issue_markdown`).
 
 Incremental reads
-    The *cursor* is ``{"updated": <ISO 8601 UTC>, "seen": {KEY: <updated, epoch ms>}}``:
-    the latest ``updated`` read, and the issues read within the overlap window before
-    it. A run asks for ``(<jql>) AND updated >= <cursor - overlap, epoch ms> ORDER BY
+    The *cursor* is a :class:`connectors.base.Watermark`, ``{"updated": <ISO 8601 UTC>,
+    "seen": {KEY: [<updated, epoch ms>, <updated>]}, "version": 1}``: the latest
+    ``updated`` read, and the issues read within the overlap window before it (the
+    older ``{"updated", "seen": {KEY: ms}}`` cursors are still read). A run asks for ``(<jql>) AND updated >= <cursor - overlap, epoch ms> ORDER BY
     updated ASC, key ASC``. The bound is an unquoted number of milliseconds: Jira reads a
     quoted date in the *user's* time zone at minute precision, a known cause of silently
     missed updates; a millisecond epoch means one instant everywhere. Issues of the
@@ -23,7 +24,9 @@ Pages
     position and the cursor so far. Offset paging can skip an issue when the result set
     shifts under it (an issue updated or removed while paging); when a page shows that
     happened (a key seen twice, a smaller ``total``) the cursor is held back to the page
-    boundary so the next run reads that stretch again.
+    boundary so the next run reads that stretch again. A Cloud ``nextPageToken`` saved
+    in a checkpoint that Jira refuses later (HTTP 400: it expired) restarts the search at
+    the checkpoint's watermark: not from scratch, and not past an unread issue.
 
 Failures
     ``ResilientSession`` (the library's) retries 429 (waiting ``Retry-After``), 503 with
