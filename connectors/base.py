@@ -51,6 +51,16 @@ class TransientSourceError(ConnectorError):
     """A source-wide failure worth retrying (timeout, 5xx after the client's own retries)."""
 
 
+class EntityError(ConnectorError):
+    """One entity of a source (a GitLab project or one of its parts, a space, a Jira
+    project) cannot be read (403, 404, a missing branch) while the others can.
+
+    Connectors that read several entities catch it, report the entity as a failed
+    :class:`DocumentIssue` with ``scope="entity"``, keep that entity's cursor where it
+    was and go on with the others.
+    """
+
+
 def utc(dt: datetime) -> datetime:
     """Return ``dt`` as an aware UTC datetime; naive datetimes are taken to be UTC."""
     if dt.tzinfo is None:
@@ -131,6 +141,10 @@ class Document:
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+#: How the title of an entity failure starts (``"entity: platform/deploy-tools:issues"``).
+ENTITY_TITLE = "entity: "
+
+
 @dataclass(frozen=True)
 class DocumentIssue:
     """A document that was not indexed, and why.
@@ -139,12 +153,18 @@ class DocumentIssue:
     undecodable text): it is recorded and does not hold the cursor back.
     ``kind="failed"`` is an error that a later run should retry (a 5xx, a malformed
     response): the cursor never moves past it.
+    ``scope="entity"``: not one document but a whole entity (a project, a space) that
+    could not be read; ``doc_id`` is ``"<source>:<entity>"`` and ``title`` starts with
+    :data:`ENTITY_TITLE` (so a stored record is known as one). The connector's cursor
+    keeps that entity where it was, so the rest of the cursor may move
+    (see :func:`cursor_may_advance`).
     """
 
     doc_id: str
     reason: str
     kind: Literal["skipped", "failed"] = "failed"
     title: str = ""
+    scope: Literal["document", "entity"] = "document"
 
 
 @dataclass
@@ -460,6 +480,21 @@ class Watermark:
 
 
 _NOTHING = object()
+
+
+def cursor_may_advance(cursor: Any, failures: list[DocumentIssue]) -> bool:
+    """The one rule for whether a run may store the ``cursor`` its connector returned.
+
+    Every failure must be held back *inside* the cursor: a failed entity is (the
+    connector's watermark keeps that entity where it was, when the cursor is a versioned
+    watermark cursor, see :func:`holds_fetch_failures`); a failed document is not counted
+    on, because a failure while indexing a fetched document is never in the cursor. So:
+    no cursor, no move; no failures or only entity failures under a watermark cursor,
+    move; otherwise keep the previous cursor.
+    """
+    if cursor is None:
+        return False
+    return all(f.scope == "entity" and holds_fetch_failures(cursor) for f in failures)
 
 
 def holds_fetch_failures(cursor: Any) -> bool:

@@ -39,6 +39,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
 from connectors.base import (
+    ENTITY_TITLE,
     Checkpoint,
     ConnectorError,
     Document,
@@ -47,6 +48,7 @@ from connectors.base import (
     Page,
     SourceConnector,
     TransientSourceError,
+    cursor_may_advance,
     utc,
 )
 from connectors.chroma import ChromaStore, IndexedDocument
@@ -500,19 +502,30 @@ def _run(pipeline: Pipeline, connector: SourceConnector, summary: SyncSummary, *
         reconciled = reconcile(pipeline, connector, summary)
     summary.reconciled = reconciled
 
-    advance = not since and not failed and final_cursor is not None
+    advance = not since and cursor_may_advance(final_cursor, failed)  # the one rule
     summary.cursor = final_cursor if advance else before.cursor
     summary.cursor_advanced = advance and final_cursor != before.cursor
     summary.status = "completed" if not failed else "completed_with_failures"
     if failed:
-        logger.warning("%d document(s) failed; the cursor stays at %s", len(failed), before.cursor)
+        logger.warning("%d document(s) or entities failed; the cursor %s", len(failed),
+                       "holds them back" if advance else f"stays at {before.cursor}")
     state.finish_run(summary.source, status=summary.status, summary=summary.to_dict(),
                      cursor=final_cursor, advance_cursor=advance, reconciled=reconciled)
+    if final_cursor is not None:
+        _clear_recovered_entities(state, summary.source, failed)
     if final_cursor is not None or (since and not failed):
         # The read reached its end: nothing is left to resume. Keeping the end checkpoint
         # after a failure would make the next run (same cursor, same request) resume
         # *after* the failed document and never retry it.
         state.clear_checkpoint(summary.source)
+
+
+def _clear_recovered_entities(state, source: str, failed: list[DocumentIssue]) -> None:
+    """After a complete read, forget entity failures (a project, a space) that this run
+    did not report again: the entity was read."""
+    now = {f.doc_id for f in failed}
+    state.clear_issues(source, [i.doc_id for i in state.issues(source, "failed")
+                                if i.title.startswith(ENTITY_TITLE) and i.doc_id not in now])
 
 
 def _publish(summary: SyncSummary) -> None:
