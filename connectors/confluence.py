@@ -38,9 +38,10 @@ Offset pagination is guarded:
 
 **Faults** (https://developer.atlassian.com/cloud/confluence/rate-limiting/ and
 https://confluence.atlassian.com/doc/configuring-global-rate-limiting-1798635796.html for Data
-Center). 429 waits for ``Retry-After`` (capped at ``retry_after_max_seconds``), and
+Center), classified and retried by :mod:`connectors.http` (the client's own retries are
+off). 429 waits for ``Retry-After`` (capped at ``retry_after_max_seconds``), and
 so does Server/DC's 403 that says "rate limit"; 5xx and network errors retry with
-exponential backoff (tenacity); when a results page still fails with 5xx, the page
+exponential backoff; when a results page still fails with 5xx, the page
 size is halved down to ``min_page_size``; when retries run out the fetch raises
 :class:`TransientSourceError` (the flow retries from the last checkpoint). 400/401/404
 and other 403s on the search fail fast with a :class:`ConnectorError` saying what to
@@ -67,26 +68,18 @@ from __future__ import annotations
 
 import base64
 import logging
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlparse
 from zoneinfo import ZoneInfo
 
 import requests
 from atlassian import Confluence
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
 
+from connectors import http
 from connectors.base import (
     Checkpoint,
     ConnectorError,
@@ -100,6 +93,7 @@ from connectors.base import (
     redact,
     utc,
 )
+from connectors.http import classify, retry_after_seconds  # noqa: F401 - re-exported
 from transforms.attachments import AttachmentTextError, attachment_kind, attachment_text
 from transforms.storage_format import mentioned_users, storage_to_markdown
 
@@ -149,6 +143,15 @@ class ConfluenceSourceOptions:
     backoff_max_seconds: float = 30.0
     timeout_seconds: float = 60.0
     verify_ssl: bool = True
+
+    @property
+    def policy(self) -> http.RetryPolicy:
+        """The retry policy of this source, in the shared vocabulary."""
+        return http.RetryPolicy(
+            retries=self.max_retries, backoff_seconds=self.backoff_initial_seconds,
+            max_backoff_seconds=self.backoff_max_seconds,
+            max_retry_after_seconds=self.retry_after_max_seconds,
+            timeout_seconds=self.timeout_seconds)
 
     @property
     def is_cloud(self) -> bool:
@@ -223,43 +226,21 @@ class _NetworkError(_Transient):
     """Connection refused/reset, timeout."""
 
 
+def _outcome(exc: BaseException) -> http.Outcome | None:
+    """What :func:`connectors.http.retrying` needs of this connector's outcomes."""
+    if isinstance(exc, _Throttled):
+        return http.Outcome("rate_limited", retry_after=exc.retry_after)
+    if isinstance(exc, _Transient):
+        return http.Outcome("retryable", retry_after=exc.retry_after)
+    return None
+
+
 class _ClientError(Exception):
     """A 4xx that retrying does not fix."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta seconds or an HTTP date,
-    RFC 9110 section 10.2.3); ``None`` when absent or unreadable."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - (now or datetime.now(UTC))).total_seconds()
-    if not math.isfinite(seconds):
-        return None
-    return max(0.0, seconds)
-
-
-def _is_rate_limit(response: requests.Response) -> bool:
-    """A 403/503 that is really throttling (Server/DC rate limiting and some proxies
-    answer 403 "Rate limit exceeded"; Cloud answers 429)."""
-    if response.headers.get("Retry-After"):
-        return True
-    if response.headers.get("X-RateLimit-Remaining", "").strip() == "0":
-        return True
-    text = (response.text or "")[:2000].lower()
-    return "rate limit" in text or "too many requests" in text
 
 
 def parse_when(value: Any) -> datetime | None:
@@ -313,10 +294,12 @@ class ConfluenceConnector:
         self.options = options
         self.name = options.name
         self._client = client
+        self.policy = options.policy
         self._users: dict[str, str | None] = {}
         self.stats: dict[str, float] = {
             "requests": 0, "retries": 0, "throttled": 0, "waited_seconds": 0.0,
             "page_size_reductions": 0, "skipped_seen": 0, "pagination_drift": 0,
+            "capped": 0,
         }
         ZoneInfo(options.timezone)  # fail early on an unknown zone
 
@@ -370,13 +353,12 @@ class ConfluenceConnector:
             status = response.status_code if response is not None else 0
             message = self._safe(str(exc).strip()[:500]
                                  or (response.reason if response is not None else ""))
-            retry_after = retry_after_seconds(response.headers.get("Retry-After")
-                                              if response is not None else None)
-            if status == 429 or (status in (403, 503) and response is not None
-                                 and _is_rate_limit(response)):
-                raise _Throttled(f"HTTP {status} (rate limited)", retry_after) from None
-            if status >= 500:
-                raise _ServerError(f"HTTP {status}: {message}", retry_after) from None
+            judged = classify(status, response.headers if response is not None else None,
+                              (response.text or "")[:2000] if response is not None else "")
+            if judged.kind == "rate_limited":
+                raise _Throttled(f"HTTP {status} (rate limited)", judged.retry_after) from None
+            if judged.kind == "retryable" and status:
+                raise _ServerError(f"HTTP {status}: {message}", judged.retry_after) from None
             raise _ClientError(status, f"HTTP {status}: {message}") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise _NetworkError(self._safe(f"{type(exc).__name__}: {exc}")) from None
@@ -386,37 +368,12 @@ class ConfluenceConnector:
             raise _ServerError(f"expected a JSON object, got {type(result).__name__}")
         return result
 
-    def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        o = self.options
-        if isinstance(exc, _Transient) and exc.retry_after is not None:
-            return min(exc.retry_after, o.retry_after_max_seconds)
-        backoff = wait_exponential_jitter(initial=o.backoff_initial_seconds,
-                                          max=o.backoff_max_seconds,
-                                          jitter=o.backoff_initial_seconds)
-        return backoff(state)
-
-    def _sleep(self, seconds: float) -> None:
-        self.stats["waited_seconds"] = round(self.stats["waited_seconds"] + seconds, 3)
-        time.sleep(seconds)
-
-    def _before_sleep(self, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        self.stats["retries"] += 1
-        if isinstance(exc, _Throttled):
-            self.stats["throttled"] += 1
-        log.warning("confluence source %r: %s; retry %d in %.1fs", self.name, exc,
-                    state.attempt_number, state.upcoming_sleep)
-
     def _get(self, path: str, params: dict[str, Any] | None = None, *, absolute: bool = False,
              raw: bool = False) -> Any:
         """GET with retries of transient outcomes (tenacity); the last outcome is raised
         as its ``_Transient``/``_ClientError`` class."""
-        retrying = Retrying(
-            retry=retry_if_exception_type(_Transient),
-            stop=stop_after_attempt(self.options.max_retries + 1),
-            wait=self._wait, sleep=self._sleep, before_sleep=self._before_sleep, reraise=True,
-        )
+        retrying = http.retrying(self.policy, self.stats, name=f"confluence source {self.name!r}",
+                                 outcome=_outcome, sleep=time.sleep, logger=log)
         return retrying(self._once, path, params, absolute, raw)
 
     # -------------------------------------------------------------------------- CQL

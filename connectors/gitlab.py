@@ -48,7 +48,8 @@ issue moved to another project (GitLab keeps the closed original, with ``moved_t
 is skipped the same way; its copy in the other project is a document of that project.
 
 Faults: python-gitlab retries 429 (sleeping ``Retry-After`` or until
-``RateLimit-Reset``) and, with ``retry_transient_errors=True``, 5xx and connection
+``RateLimit-Reset``, cut to ``max_retry_after_seconds`` and counted in ``stats`` by
+:func:`connectors.http.cap_waits`) and, with ``retry_transient_errors=True``, 5xx and connection
 errors with exponential backoff (0.1 s * 2^n), up to ``max_retries`` times
 (``gitlab/utils.py`` ``Retry``; https://python-gitlab.readthedocs.io/en/stable/api-usage-advanced.html#rate-limits).
 What still fails: 401 -> :class:`ConnectorError` (not retried); 403/404 on a project's
@@ -74,16 +75,17 @@ import gitlab
 import requests
 from gitlab.exceptions import GitlabAuthenticationError, GitlabError
 
+from connectors import http
 from connectors.base import (
+    ENTITY_TITLE,
+    WATERMARK_VERSION,
     Checkpoint,
     ConnectorError,
     Document,
     DocumentIssue,
+    EntityError,
     FetchRequest,
     Listing,
-    ENTITY_TITLE,
-    WATERMARK_VERSION,
-    EntityError,
     Page,
     TransientSourceError,
     Watermark,
@@ -134,6 +136,8 @@ class GitLabSourceOptions:
     page_size: int = 100
     max_retries: int = 5
     timeout_seconds: float = 60.0
+    #: the longest wait python-gitlab may take for a Retry-After / RateLimit-Reset
+    max_retry_after_seconds: float = 60.0
     #: clone URL template (``{path}``, ``{id}``); default: the project's ``http_url_to_repo``
     clone_url: str | None = None
     ssl_verify: bool | str = True
@@ -208,7 +212,7 @@ class GitLabConnector:
         self._gl: gitlab.Gitlab | None = None
         self._projects: list[GitLabProject] | None = None
         #: ``skipped_seen``: issues/MRs of the overlap not read again (same ``updated_at``)
-        self.stats: dict[str, int] = {"skipped_seen": 0}
+        self.stats: dict[str, float] = {"skipped_seen": 0, **http.new_stats()}
         #: configured projects that could not be read: ``{ref: reason}``
         self.unreadable: dict[str, str] = {}
         self._git: dict[int, GitConnector] = {}
@@ -224,6 +228,10 @@ class GitLabConnector:
                 timeout=self.options.timeout_seconds, ssl_verify=self.options.ssl_verify,
                 retry_transient_errors=True, keep_base_url=True,
                 user_agent="kbsync (python-gitlab)")
+            # python-gitlab sleeps for any Retry-After it is sent: cap and count it
+            http.cap_waits(self._gl.session, http.RetryPolicy(
+                retries=self.options.max_retries,
+                max_retry_after_seconds=self.options.max_retry_after_seconds), self.stats)
         return self._gl
 
     @property

@@ -30,9 +30,11 @@ Pages
 
 Failures
     ``ResilientSession`` (the library's) retries 429 (waiting ``Retry-After``), 503 with
-    ``Retry-After`` and connection errors, up to ``max_retries``; this connector adds
-    exponential backoff (tenacity) for the 5xx the session does not retry (500, 502,
-    504, 503 without ``Retry-After``) and read timeouts, so nothing is retried twice.
+    ``Retry-After`` and connection errors, up to ``max_retries``; every wait it takes is
+    capped by ``max_retry_after_seconds`` and counted (:func:`connectors.http.cap_waits`;
+    its connection backoff is otherwise 20/40/80 s). :func:`connectors.http.retrying`
+    adds exponential backoff for the 5xx the session does not retry (500, 502, 504, 503
+    without ``Retry-After``) and read timeouts, so nothing is retried twice.
     401/403 and 400 (a bad JQL: Jira's own message is quoted) raise
     :class:`ConnectorError` at once. A search page that still fails raises
     :class:`TransientSourceError` (the flow retries it from the checkpoint). A failure
@@ -58,8 +60,8 @@ from typing import Any, NoReturn, TypeVar
 
 import requests
 from jira import JIRA, JIRAError
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
+from connectors import http
 from connectors.base import (
     Checkpoint,
     ConnectorError,
@@ -115,6 +117,8 @@ class JiraSourceOptions:
     max_retry_delay: float = 120.0
     backoff_seconds: float = 2.0
     timeout: float = 30.0
+    #: the longest any wait may be: Retry-After, the session's connection backoff
+    max_retry_after_seconds: float = 60.0
 
 
 def epoch_ms(moment: datetime) -> int:
@@ -162,9 +166,11 @@ class JiraConnector:
         self.options = options
         self.name = options.name
         self.base_url = options.base_url.rstrip("/")
-        self._factory = client_factory or make_client
+        self._factory = client_factory or (lambda o: make_client(o, self.stats))
         self._client: JIRA | None = None
         self._epic_field: str | None = None
+        #: retries, throttled answers, seconds waited, waits cut to the cap
+        self.stats: dict[str, float] = http.new_stats()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -201,19 +207,14 @@ class JiraConnector:
                 f"{what}: {type(exc).__name__}: {exc}")) from None
         raise ConnectorError(self._message(f"{what}: {type(exc).__name__}: {exc}")) from None
 
-    def _retrying(self) -> Retrying:
-        """Backoff for what ``ResilientSession`` does not retry itself."""
-        return Retrying(
-            retry=retry_if_exception(_needs_backoff),
-            stop=stop_after_attempt(self.options.max_retries + 1),
-            wait=wait_exponential(multiplier=self.options.backoff_seconds,
-                                  max=self.options.max_retry_delay),
-            reraise=True,
-            before_sleep=lambda state: log.warning(
-                "jira source %r: %s, retrying (%d/%d)", self.name,
-                _short(state.outcome.exception()), state.attempt_number,
-                self.options.max_retries),
-        )
+    def _retrying(self):
+        """Backoff for what ``ResilientSession`` does not retry itself (one layer each)."""
+        o = self.options
+        policy = http.RetryPolicy(retries=o.max_retries, backoff_seconds=o.backoff_seconds,
+                                  max_backoff_seconds=o.max_retry_delay,
+                                  max_retry_after_seconds=o.max_retry_after_seconds)
+        return http.retrying(policy, self.stats, name=f"jira source {self.name!r}",
+                             outcome=_needs_backoff, logger=log)
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return self._retrying()(fn, *args, **kwargs)
@@ -557,26 +558,23 @@ def _updated_ms(raw: Mapping[str, Any]) -> int | None:
         return None
 
 
-def _short(exc: BaseException | None) -> str:
+def _needs_backoff(exc: BaseException) -> http.Outcome | None:
+    """5xx that ``ResilientSession`` does not retry itself (500, 502, 504, 503 without
+    ``Retry-After``) and read timeouts; ``None`` for everything else (not retried here:
+    the session already retried 429, 503 with ``Retry-After`` and connection errors)."""
     if isinstance(exc, JIRAError):
-        return f"HTTP {exc.status_code}"
-    return type(exc).__name__
+        headers = getattr(exc.response, "headers", None) or {}
+        judged = http.classify(exc.status_code or 0, headers)
+        if judged.kind == "retryable" and exc.status_code and \
+                not (exc.status_code == 503 and "Retry-After" in headers):
+            return judged
+        return None
+    if isinstance(exc, requests.Timeout) and not isinstance(exc, requests.ConnectionError):
+        return http.Outcome("retryable")
+    return None
 
 
-def _needs_backoff(exc: BaseException) -> bool:
-    """5xx that ``ResilientSession`` does not retry itself, and read timeouts."""
-    if isinstance(exc, JIRAError):
-        status = exc.status_code or 0
-        if status in (500, 502, 504):
-            return True
-        if status == 503:
-            headers = getattr(exc.response, "headers", None) or {}
-            return "Retry-After" not in headers
-        return False
-    return isinstance(exc, requests.Timeout) and not isinstance(exc, requests.ConnectionError)
-
-
-def make_client(options: JiraSourceOptions) -> JIRA:
+def make_client(options: JiraSourceOptions, stats: dict[str, float] | None = None) -> JIRA:
     """A ``jira.JIRA`` client for ``options`` (asks ``/serverInfo`` for the deployment type).
 
     ``max_retries`` and ``max_retry_delay`` configure the library's ``ResilientSession``
@@ -598,5 +596,10 @@ def make_client(options: JiraSourceOptions) -> JIRA:
         **auth,
     )
     # JIRA() exposes max_retries but not the session's delay cap; set it on the session.
-    client._session.max_retry_delay = options.max_retry_delay
+    # It caps every wait of the session: Retry-After (it sleeps 2 x Retry-After) and the
+    # 10 x 2^n s backoff of connection errors (20/40/80 s otherwise).
+    client._session.max_retry_delay = min(options.max_retry_delay,
+                                          options.max_retry_after_seconds)
+    http.cap_waits(client._session, http.RetryPolicy(
+        max_retry_after_seconds=options.max_retry_after_seconds / 2), stats or {})
     return client

@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -325,7 +326,9 @@ class ConfluenceSource(_Model):
     attachment_max_bytes: int = Field(10_000_000, ge=1)
     resolve_mentions: bool = Field(True, description="look up names of mentioned users")
     max_retries: int = Field(5, ge=0, le=50, description="retries of one request")
-    retry_after_max_seconds: float = Field(60.0, ge=0, description="cap on Retry-After")
+    retry_after_max_seconds: float = Field(
+        60.0, ge=0, description="cap on Retry-After (also read as max_retry_after_seconds)",
+        validation_alias=AliasChoices("retry_after_max_seconds", "max_retry_after_seconds"))
     backoff_initial_seconds: float = Field(1.0, ge=0)
     backoff_max_seconds: float = Field(30.0, ge=0)
     timeout_seconds: float = Field(60.0, gt=0)
@@ -404,6 +407,8 @@ class GitLabSource(_Model):
     page_size: int = Field(100, ge=1, le=100, description="items per API page and per sync page")
     max_retries: int = Field(5, ge=0, description="python-gitlab retries of 429/5xx/timeouts")
     timeout_seconds: float = Field(60, gt=0)
+    max_retry_after_seconds: float = Field(
+        60.0, gt=0, description="longest Retry-After / RateLimit-Reset wait (cut and counted)")
     clone_url: str | None = Field(
         None, description="clone URL template ({path}, {id}); default http_url_to_repo")
     ssl_verify: bool | str = Field(True, description="false, or a CA bundle path")
@@ -427,6 +432,7 @@ class GitLabSource(_Model):
                 max_file_bytes=self.max_file_bytes, overlap_minutes=self.overlap_minutes,
                 include_confidential=self.include_confidential, page_size=self.page_size,
                 max_retries=self.max_retries, timeout_seconds=self.timeout_seconds,
+                max_retry_after_seconds=self.max_retry_after_seconds,
                 clone_url=self.clone_url, ssl_verify=self.ssl_verify,
             ),
             data_dir=settings.data_dir,
@@ -458,6 +464,8 @@ class JiraSource(_Model):
         120.0, gt=0, description="longest wait between retries (keep >= 2 x Retry-After)")
     backoff_seconds: float = Field(2.0, ge=0, description="first 5xx backoff, doubled each try")
     timeout_seconds: float = Field(30.0, gt=0)
+    max_retry_after_seconds: float = Field(
+        60.0, gt=0, description="longest wait of any retry: Retry-After, connection backoff")
     schedule: str | None = Field(None, description="cron for scheduled syncs")
 
     @model_validator(mode="after")
@@ -478,6 +486,7 @@ class JiraSource(_Model):
             page_size=self.page_size, comment_page_size=self.comment_page_size,
             max_retries=self.max_retries, max_retry_delay=self.max_retry_delay_seconds,
             backoff_seconds=self.backoff_seconds, timeout=self.timeout_seconds,
+            max_retry_after_seconds=self.max_retry_after_seconds,
         ))
 
 

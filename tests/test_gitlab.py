@@ -366,6 +366,21 @@ def test_rate_limit_429_honours_retry_after_and_ratelimit_reset(fake, tmp_path):
     assert len(docs) == 5
 
 
+def test_a_long_retry_after_is_capped_and_counted(fake, tmp_path):
+    """python-gitlab sleeps for any Retry-After; the HTTP layer cuts it to the cap."""
+    fake.fail(r"/issues$", 429, times=1, headers={"Retry-After": "3600"},
+              body={"message": "429 Too Many Requests"})
+    conn = make_connector(fake, tmp_path, parts=["issues"], max_retry_after_seconds=1)
+    started = time.monotonic()
+    _, docs, _, _ = read(conn)
+    assert time.monotonic() - started < 30  # not an hour
+    issues = fake.requests_to(r"/issues$")
+    assert [r.status for r in issues] == [429, 200]
+    assert 1.0 <= issues[1].at - issues[0].at < 10
+    assert conn.stats["throttled"] == 1 and conn.stats["capped"] == 1
+    assert "gl:platform/deploy-tools#1" in docs
+
+
 def test_server_errors_are_retried_with_backoff(fake, tmp_path):
     fake.fail(r"/wikis$", 502, times=2)
     fake.fail(r"/issues/1/discussions$", 503, times=1)
