@@ -78,8 +78,6 @@ JsonMode = Literal["json_schema", "json_object_schema", "instructions"]
 JSON_MODES: tuple[JsonMode, ...] = ("json_schema", "json_object_schema", "instructions")
 #: HTTP statuses with which a server refuses a ``response_format`` it does not support.
 _FORMAT_REFUSED = {400, 415, 422, 500, 501}
-#: Statuses retried with backoff (with connection errors and timeouts).
-_TRANSIENT_STATUS = {408, 429, 502, 503, 504}
 #: Statuses that mean "this endpoint cannot serve us" (bad key, model not served).
 _ENDPOINT_STATUS = {401, 403, 404}
 
@@ -502,10 +500,13 @@ class LLMClient:
             wait_exponential,
         )
 
+        from connectors.http import classify_exception
+
         def transient(exc: BaseException) -> bool:
-            if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
-                return True
-            return isinstance(exc, openai.APIStatusError) and exc.status_code in _TRANSIENT_STATUS
+            # the one classifier (connectors.http); a status that can mean "response_format
+            # refused" is left to the caller's format fallback
+            return classify_exception(exc).retry and \
+                getattr(exc, "status_code", None) not in _FORMAT_REFUSED
 
         retrying = Retrying(
             stop=stop_after_attempt(self.config.retries + 1),
