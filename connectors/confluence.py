@@ -90,6 +90,7 @@ from connectors.base import (
     Page,
     TransientSourceError,
     Watermark,
+    parse_instant,
     redact,
     utc,
 )
@@ -245,12 +246,7 @@ class _ClientError(Exception):
 
 def parse_when(value: Any) -> datetime | None:
     """``version.when`` / ``createdDate`` (ISO 8601, ``Z`` or an offset) -> aware UTC."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return utc(datetime.fromisoformat(value.replace("Z", "+00:00")))
-    except ValueError:
-        return None
+    return parse_instant(value) if isinstance(value, str) else None
 
 
 def _version(item: dict[str, Any]) -> dict[str, Any]:
