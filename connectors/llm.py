@@ -180,10 +180,10 @@ class LLMConfig:
     """
 
     endpoints: tuple[Endpoint, ...]
-    timeout_seconds: float = 120.0
+    timeout_seconds: float = 300.0  # = llm.timeout_seconds (settings), one default
     connect_timeout_seconds: float = 5.0
     retries: int = 2
-    backoff_seconds: float = 1.0
+    backoff_seconds: float = 2.0  # = llm.retry_backoff_seconds (settings), one default
     max_context_tokens: int = 8192
     max_reply_tokens: int = 2048
     presets: Mapping[str, Sampling] = field(default_factory=lambda: dict(DEFAULT_PRESETS))
