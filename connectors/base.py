@@ -309,8 +309,8 @@ class Watermark:
     :meth:`hold_at` when something at an instant was not read (or :meth:`hold_all` when
     the whole read must be done again), writes :meth:`to_json` into checkpoints and
     :meth:`result` ``.to_json()`` as the cursor. The cursor moves only as far as
-    :meth:`result` says; that is the one place that decides it (the flow only refuses
-    to move it when indexing itself failed, see :func:`holds_fetch_failures`).
+    :meth:`result` says; with :func:`cursor_may_advance` (what the flow asks before it
+    stores a cursor) that is the one place that decides it.
 
     Attributes:
         value: the highest instant read through (aware UTC), ``None`` before any read.

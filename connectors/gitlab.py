@@ -355,10 +355,20 @@ class GitLabConnector:
         position: Checkpoint | None = dict(checkpoint) if checkpoint else None
         pending = 0
 
+        # entity failures before the checkpoint: reported again on the last page, so the
+        # run that finishes the read knows them (they decide what the cursor may do)
+        carried = [tuple(e) for e in (checkpoint or {}).get("entities") or []]
+        entities: list[tuple[str, str]] = list(carried)
+
+        def at(key: tuple[str, int] | list, inner: Any) -> Checkpoint:
+            return {"cursor": copy.deepcopy(new_cursor), "at": list(key), "inner": inner,
+                    "entities": [list(e) for e in entities]}
+
         steps = self._steps()
         if not resume_at:
             for ref, reason in sorted(self.unreadable.items()):
                 buffer.issues.append(self._entity_failed(ref, reason))
+                entities.append((ref, reason))
                 if ref in old_projects and request.cursor:
                     new_cursor[ref] = copy.deepcopy(old_projects[ref])
         for project, part in steps:
@@ -379,21 +389,19 @@ class GitLabConnector:
                         new_cursor.setdefault(project.path, {})[part] = stop.value
                     else:
                         new_cursor.get(project.path, {}).pop(part, None)
-                    position = {"cursor": copy.deepcopy(new_cursor), "at": list(key),
-                                "inner": None}
+                    position = at(key, None)
                     break
                 except EntityError as exc:  # this part holds; the others go on
                     buffer.issues.append(self._entity_failed(
                         f"{project.path}:{part}", str(exc)))
+                    entities.append((f"{project.path}:{part}", str(exc)))
                     pending += 1
                     if old is not None:
                         new_cursor.setdefault(project.path, {})[part] = old
-                    position = {"cursor": copy.deepcopy(new_cursor), "at": list(key),
-                                "inner": None}
+                    position = at(key, None)
                     break
                 if kind == "mark":
-                    position = {"cursor": copy.deepcopy(new_cursor), "at": list(key),
-                                "inner": value}
+                    position = at(key, value)
                     if pending >= size:
                         buffer.checkpoint = position
                         yield buffer
@@ -411,7 +419,8 @@ class GitLabConnector:
                 yield buffer
                 buffer, pending = Page(), 0
 
-        buffer.checkpoint = position or {"cursor": new_cursor, "at": [], "inner": None}
+        buffer.issues.extend(self._entity_failed(entity, reason) for entity, reason in carried)
+        buffer.checkpoint = position or at([], None)
         buffer.cursor = {"projects": new_cursor, "version": WATERMARK_VERSION}
         yield buffer
 

@@ -576,6 +576,21 @@ def test_flow_failed_item_keeps_the_cursor_until_it_succeeds(fake, tmp_path):
         parse_time("2024-04-12T10:05:00.000Z")
 
 
+def test_an_entity_failure_is_reported_again_after_a_resume(fake, tmp_path):
+    """A run resumed from a checkpoint still reports the entities that failed before it
+    (the run that finishes the read decides what the cursor may do with them)."""
+    fake.fail(r"/projects/platform%2Fsecret$", 403, times=None, body={"message": "403 Forbidden"})
+    options = {"parts": ["issues", "merge_requests"], "page_size": 1,
+               "projects": [PROJECT, "platform/secret"]}
+    pages, _, issues, _ = read(make_connector(fake, tmp_path, **options))
+    assert issues["gl:platform/secret"].scope == "entity"
+    assert len(pages) > 2
+    resumed, _, again, _ = read(make_connector(fake, tmp_path, **options),
+                                checkpoint=pages[1].checkpoint)
+    assert "gl:platform/secret" in {i.doc_id for i in resumed[-1].issues}
+    assert again["gl:platform/secret"].scope == "entity"
+
+
 def test_flow_an_unreadable_project_fails_alone_and_its_cursor_holds(fake, remote, tmp_path):
     """Issue 13 item 3: one project refused (403), one whose branch does not exist and
     one that cannot be read at all are failed entities with their reasons; the readable
