@@ -350,7 +350,7 @@ class Watermark:
         if data is None:
             return wm
         if isinstance(data, str | int | float | datetime):
-            wm.value = parse_instant(data)
+            wm.value = wm.origin = parse_instant(data)
         elif isinstance(data, Mapping):
             version = data.get("version", 0)
             if not isinstance(version, int) or version > WATERMARK_VERSION:
@@ -373,8 +373,6 @@ class Watermark:
                 wm.origin = wm.value
         else:
             raise ValueError(f"not a watermark: {type(data).__name__}")
-        if wm.origin is None:
-            wm.origin = wm.value
         wm.known = {k: v for k, (v, _) in wm.seen.items()}
         return wm
 

@@ -142,3 +142,12 @@ def test_cursors_without_a_version_do_not_hold_failures():
     assert not holds_fetch_failures({"commit": "abc"})
     assert not holds_fetch_failures({"when": None, "seen": {}})
     assert not holds_fetch_failures(None)
+
+
+def test_a_first_read_resumed_from_a_checkpoint_still_holds_at_nothing():
+    wm = Watermark.read(None, key="updated")
+    wm.advance("a", 1, at(1))
+    resumed = Watermark.read(None, key="updated").restore(json.loads(json.dumps(wm.to_json())))
+    assert resumed.origin is None and resumed.value == at(1)
+    resumed.hold_all()  # e.g. the result set shifted: nothing of this read counts
+    assert resumed.result().value is None
