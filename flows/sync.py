@@ -259,6 +259,25 @@ def chunk_metadata(doc: Document, doc_hash: str, chunk: Chunk, chunk_count: int)
     }
 
 
+#: The reason recorded for a document that chunks to nothing.
+NO_TEXT_REASON = "no text after conversion"
+
+
+def nothing_to_index(doc: Document, chunks: list[Chunk]) -> DocumentIssue | None:
+    """The ``skipped`` issue of a document with nothing to index, else None.
+
+    One rule for every source: a document whose text chunks to nothing (a Confluence
+    page of headings over macros, an empty file, an issue with no description) is
+    recorded as skipped with :data:`NO_TEXT_REASON`, counted as skipped, and removed from
+    the index if an earlier version was in it — not indexed by its title alone (the
+    title is in every chunk's metadata and a title-only chunk matches queries about the
+    title's words without holding an answer), and never counted as added.
+    """
+    if chunks:
+        return None
+    return DocumentIssue(doc.id, NO_TEXT_REASON, "skipped", doc.title)
+
+
 @task(name="index-page", cache_policy=NO_CACHE)
 def index_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> list[DocumentIssue]:
     """Make one page durable in the index; returns the documents that failed.
@@ -292,6 +311,10 @@ def index_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> list[Doc
             except Exception as exc:  # noqa: BLE001 - one bad document must not stop the run
                 failures.append(DocumentIssue(doc.id, f"chunking failed: {type(exc).__name__}: {exc}",
                                               "failed", doc.title))
+                continue
+            if (empty := nothing_to_index(doc, chunks)) is not None:
+                skipped.append(empty)
+                gone_ids.append(doc.id)
                 continue
             planned.append((doc, doc_hash, chunks, before))
 
