@@ -395,6 +395,9 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--change-size", type=int, default=4)
+    parser.add_argument("--span-guess", type=float, default=30.0,
+                        help="expected seconds of a run (process start included) until one "
+                             "completes; kill points are drawn in 25-100%% of it")
     parser.add_argument("--code", type=Path, default=ROOT,
                         help="checkout whose kbsync runs (default: this one)")
     parser.add_argument("--realdata", type=Path, default=DEFAULT_REALDATA)
@@ -411,7 +414,7 @@ def main() -> None:
         result = run_chaos(work=Path(tmp), code=args.code.resolve(), docs=args.docs,
                            kills=args.kills, seed=args.seed, api_url=PREFECT_API_URL.value(),
                            realdata=args.realdata, change_size=args.change_size,
-                           max_file_bytes=args.max_file_bytes)
+                           max_file_bytes=args.max_file_bytes, span_guess=args.span_guess)
     from benchmarks.common import print_table, write_json
 
     print_table(f"chaos: {args.kills} x SIGKILL, {args.docs} AWS pages, seed {args.seed}, "

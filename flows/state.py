@@ -23,6 +23,7 @@ Tables:
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
@@ -486,7 +487,9 @@ def _flow_run_final(flow_run_id: str, timeout: float) -> str | None:
         except Exception as exc:  # noqa: BLE001 - unknown means "not provably gone"
             log.debug("could not read flow run %s: %s", flow_run_id, exc)
 
-    worker = threading.Thread(target=query, daemon=True, name="kbsync-lease-check")
+    # the caller's context (its flow run, a temporary server's API URL) goes along
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(query,),
+                              daemon=True, name="kbsync-lease-check")
     worker.start()
     worker.join(timeout)
     return result.get("state")
