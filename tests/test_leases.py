@@ -23,8 +23,14 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flows.state import LeaseHeartbeat, LeaseLost, SourceLock, StateStore, lease_holder_gone, \
-    lease_owner
+from flows.state import (
+    LeaseHeartbeat,
+    LeaseLost,
+    SourceLock,
+    StateStore,
+    lease_holder_gone,
+    lease_owner,
+)
 from flows.sync import IndexBusy, SourceBusy, index_lock, sync_source
 from tests.test_sync import chunks_by_doc
 
