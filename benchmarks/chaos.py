@@ -3,7 +3,8 @@ then resumed; the index must end equal to a clean build.
 
 Each round starts ``python -m flows.cli sync <source>`` on a real git repository of AWS
 documentation pages (``docs_qa/aws_documentation_qa``), kills its whole process group
-with SIGKILL after a seeded random delay, and immediately starts the next run. A run that
+with SIGKILL at a seeded random point of its work (after it took its lease), and
+immediately starts the next run. A run that
 completes before its kill point gets a new commit (edits, additions, deletions) so the
 next one has work. After the last kill the source is synced to the end, a clean build of
 the final commit is made in a fresh data dir, and the two indexes are compared.
@@ -266,17 +267,30 @@ def _output(log: Path) -> str:
     return log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
 
 
+def _wait_for_lease(proc: subprocess.Popen, data_dir: Path, timeout: float = 600) -> float:
+    """Wait until ``proc`` holds the source's lease (or exits); returns the monotonic
+    clock at that moment."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and _holder_pid(data_dir) != proc.pid:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"run {proc.pid} did not take the lease in {timeout:g} s")
+        time.sleep(0.1)
+    return time.monotonic()
+
+
 def run_chaos(*, work: Path, code: Path, docs: int, kills: int, seed: int,
               api_url: str | None, realdata: Path = DEFAULT_REALDATA, change_size: int = 4,
-              max_file_bytes: int | None = None, span_guess: float = 30.0,
-              log=print) -> ChaosResult:
+              max_file_bytes: int | None = None, log=print) -> ChaosResult:
     """Run the chaos rounds and compare with a clean build; see the module docstring.
 
-    The first run is the initial (full) sync; each kill is followed at once by the next
-    run, whose wait is measured until it holds the source's lease (read from the state
-    database), and which is itself the next one killed, until ``kills`` kills; the
-    last run goes to the end. Kill points are drawn uniformly in 25-100 % of a run's
-    expected length (``span_guess`` seconds at first, then the longest completed run).
+    An uninterrupted calibration run (a clean build of the initial commit, in a data dir
+    of its own) measures how long a run works once it holds its lease. Then the initial
+    (full) sync starts; each run is killed at a point drawn uniformly in 5-100 % of that
+    span after it took the lease (so kills land in fetching, chunking, embedding and
+    writing, not in the process start), and the next run starts at once; its wait is
+    measured from the kill until it holds the lease (read from the state database). A
+    run that completes before its kill point sets the span for the next ones and gets a
+    new commit. After ``kills`` kills, the last run goes to the end.
 
     Args:
         work: an empty directory for the repository, data dirs, logs.
@@ -299,43 +313,49 @@ def run_chaos(*, work: Path, code: Path, docs: int, kills: int, seed: int,
     logs = work / "runs"
     logs.mkdir()
     result = ChaosResult(code=str(code), docs=docs, seed=seed)
-    span = span_guess
     runs = 0
 
-    def start() -> tuple[subprocess.Popen, Path, float]:
+    def start(cfg: Path = config) -> subprocess.Popen:
         nonlocal runs
         runs += 1
-        path = logs / f"{runs:02d}.log"
-        return start_sync(config, env, path), path, time.monotonic()
+        return start_sync(cfg, env, logs / f"{runs:02d}.log")
 
-    proc, out, t_start = start()
+    def output() -> str:
+        return _output(logs / f"{runs:02d}.log")
+
+    calibration = start(write_config(work / "calibration", repo.path, work / "calib.yaml"))
+    held = _wait_for_lease(calibration, work / "calibration")
+    if calibration.wait(timeout=1800) != 0:
+        raise RuntimeError(f"the calibration run failed:\n{output()[-3000:]}")
+    span = time.monotonic() - held
+    log(f"calibration: a full sync works {span:.1f} s once it holds the lease")
+
+    proc = start()
+    held = _wait_for_lease(proc, data)
     while result.kills < kills and result.kills_attempted < kills * 3:
         result.kills_attempted += 1
-        delay = rng.uniform(0.25, 1.0) * span
+        delay = rng.uniform(0.05, 1.0) * span
         try:
-            proc.wait(timeout=max(0.0, delay - (time.monotonic() - t_start)))
+            proc.wait(timeout=max(0.0, delay - (time.monotonic() - held)))
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         else:
             if proc.returncode != 0:
-                raise RuntimeError(f"a run failed (rc {proc.returncode}):\n"
-                                   f"{_output(out)[-3000:]}")
+                raise RuntimeError(f"a run failed (rc {proc.returncode}):\n{output()[-3000:]}")
             result.runs_completed_before_kill += 1
-            span = max(span, time.monotonic() - t_start)
-            log(f"run {runs}: completed before its kill point ({delay:.1f} s)")
+            span = time.monotonic() - held
+            log(f"run {runs}: completed ({span:.1f} s) before its kill point ({delay:.1f} s)")
             repo.change(change_size)
-            proc, out, t_start = start()
+            proc = start()
+            held = _wait_for_lease(proc, data)
             continue
         killed_at, kill_clock = datetime.now(UTC), time.monotonic()
         result.kills += 1
         record = KillRecord(runs, round(delay, 2), True)
-        proc, out, t_start = start()
-        while proc.poll() is None and _holder_pid(data) != proc.pid:
-            if time.monotonic() - kill_clock > 600:
-                raise RuntimeError("the run after a kill did not take the lease in 600 s")
-            time.sleep(0.1)
-        if proc.returncode not in (None, 0) and BUSY_MARK in _output(out):
+        proc = start()
+        held = _wait_for_lease(proc, data)
+        if proc.returncode not in (None, 0) and BUSY_MARK in output():
             record.refused = record.computed = True
             result.refused_runs += 1
             expiry = lease_expiry(data)
@@ -344,23 +364,25 @@ def run_chaos(*, work: Path, code: Path, docs: int, kills: int, seed: int,
             delete_lease(data)  # the old code's only recovery: by hand
             log(f"run {runs}: refused after the kill at {delay:.1f} s; the dead run's lease "
                 f"would free the source after {record.resume_wait_s:.0f} s")
-            proc, out, t_start = start()
+            proc = start()
+            held = _wait_for_lease(proc, data)
         elif proc.returncode not in (None, 0):
             raise RuntimeError(f"the run after a kill failed (rc {proc.returncode}):\n"
-                               f"{_output(out)[-3000:]}")
+                               f"{output()[-3000:]}")
         else:
-            record.resume_wait_s = round(time.monotonic() - kill_clock, 1)
-            log(f"run {runs - 1}: killed at {delay:.1f} s; run {runs} held the lease "
-                f"{record.resume_wait_s:.1f} s after the kill")
-            if proc.returncode == 0:  # it already finished: give the next round work
-                repo.change(change_size)
-                proc, out, t_start = start()
+            record.resume_wait_s = round(held - kill_clock, 1)
+            log(f"run {runs - 1}: killed {delay:.1f} s into its work; run {runs} held the "
+                f"lease {record.resume_wait_s:.1f} s after the kill")
+        if proc.returncode == 0:  # it already finished: give the next round work
+            repo.change(change_size)
+            proc = start()
+            held = _wait_for_lease(proc, data)
         result.records.append(record)
 
     proc.wait(timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"the final sync failed (rc {proc.returncode}):\n"
-                           f"{_output(out)[-3000:]}")
+                           f"{output()[-3000:]}")
     # then a no-op
     rc, out = run_sync_cli(config, env, logs / "noop.log")
     result.noop_chunks_embedded = last_summary(data).get("chunks_embedded") if rc == 0 else None
@@ -395,9 +417,6 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--change-size", type=int, default=4)
-    parser.add_argument("--span-guess", type=float, default=30.0,
-                        help="expected seconds of a run (process start included) until one "
-                             "completes; kill points are drawn in 25-100%% of it")
     parser.add_argument("--code", type=Path, default=ROOT,
                         help="checkout whose kbsync runs (default: this one)")
     parser.add_argument("--realdata", type=Path, default=DEFAULT_REALDATA)
@@ -414,7 +433,7 @@ def main() -> None:
         result = run_chaos(work=Path(tmp), code=args.code.resolve(), docs=args.docs,
                            kills=args.kills, seed=args.seed, api_url=PREFECT_API_URL.value(),
                            realdata=args.realdata, change_size=args.change_size,
-                           max_file_bytes=args.max_file_bytes, span_guess=args.span_guess)
+                           max_file_bytes=args.max_file_bytes)
     from benchmarks.common import print_table, write_json
 
     print_table(f"chaos: {args.kills} x SIGKILL, {args.docs} AWS pages, seed {args.seed}, "

@@ -50,6 +50,5 @@ def test_two_kills_then_resume_equals_a_clean_build(tmp_path):
 @pytest.mark.slow
 def test_eight_kills_of_full_and_incremental_syncs(tmp_path):
     result = run_chaos(work=tmp_path, code=ROOT, docs=40, kills=8, seed=13, api_url=_api_url(),
-                       realdata=REALDATA, change_size=4, max_file_bytes=12000,
-                       span_guess=45)
+                       realdata=REALDATA, change_size=4, max_file_bytes=12000)
     _check(result)
