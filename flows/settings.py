@@ -140,9 +140,16 @@ class SyncSettings(_Model):
     fetch_retry_delay_seconds: float = Field(5.0, ge=0)
     reconcile_every: int = Field(
         24, ge=0, description="reconcile deletions every N syncs of a source (0 = only --full)")
-    lock_ttl_seconds: float = Field(
-        3600, ge=30, description="a run's lease on its source, renewed after every page; a "
-                                 "run that died frees the source after this long")
+    lease_ttl_seconds: float = Field(
+        120, ge=10, validation_alias=AliasChoices("lease_ttl_seconds", "lock_ttl_seconds"),
+        description="a run's lease on its source, renewed by a heartbeat every ttl/3 while "
+                    "the run lives; a run that died where it cannot be proven dead (another "
+                    "host, no Prefect API) frees the source after this long "
+                    "(old name: lock_ttl_seconds)")
+    index_lock_timeout_seconds: float = Field(
+        600, ge=0, description="embedded index only (no chroma.url): how long a run waits "
+                               "for another process's run to release the index before it "
+                               "is refused")
 
 
 class DeploymentSettings(_Model):
