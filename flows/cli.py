@@ -405,17 +405,17 @@ def reindex(
     """Rebuild a derived index from Chroma (the source of truth)."""
     if not lexical:
         raise _fail("say what to rebuild: --lexical", 2)
-    from connectors.lexical import LexicalIndex
+    from connectors.lexical import open_index
     from flows.embed import rebuild_lexical
     from flows.retrieve import open_store
 
     settings = _settings()
-    index = LexicalIndex(settings.lexical_path)
+    index = open_index(settings.lexical_location)
     try:
         n = rebuild_lexical(open_store(settings), index)
     finally:
         index.close()
-    console.print(f"lexical index rebuilt: {n} chunks in {settings.lexical_path}")
+    console.print(f"lexical index rebuilt: {n} chunks in {index.path}")
 
 
 STATUS_STYLE = {"passed": "bold green", "failed": "bold red", "unchecked": "bold yellow"}
