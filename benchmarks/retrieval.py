@@ -115,7 +115,7 @@ def evaluate_ts_rank_cd(settings, url: str, name: str, questions, chunks: int) -
         for question, gold in questions:
             hits = index.search(question, k=chunks)
             got = col.get(ids=[h.chunk_id for h in hits], include=["metadatas"]) if hits else None
-            doc_of = dict(zip(got["ids"], (m["doc_id"] for m in got["metadatas"]))) if got else {}
+            doc_of = dict(zip(got["ids"], (m["doc_id"] for m in got["metadatas"]), strict=True)) if got else {}
             docs: list[str] = []
             for h in hits:
                 if h.chunk_id in doc_of and doc_of[h.chunk_id] not in docs:
