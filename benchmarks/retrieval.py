@@ -195,7 +195,7 @@ def main() -> None:
                 for mode in modes:
                     score = evaluate(settings, name, questions, mode, args.chunks)
                     results[name]["modes"][mode] = score
-                    label = "" if args.lexical == "sqlite" or mode == "dense" else " [fts5]"
+                    label = "" if args.lexical == "sqlite" or mode == "dense" else " (fts5)"
                     rows.append((f"{name} {mode}{label}: hit@1 / hit@5 / hit@10 / MRR", fmt(score)))
             if args.lexical in ("postgres", "both"):
                 with temporary_database(args.postgres) as url:
@@ -211,12 +211,12 @@ def main() -> None:
                     for mode in pg_modes:
                         score = evaluate(on_pg, name, questions, mode, args.chunks)
                         results[name]["postgres"][mode] = score
-                        rows.append((f"{name} {mode} [postgres bm25]: hit@1 / hit@5 / hit@10 / MRR",
+                        rows.append((f"{name} {mode} (postgres bm25): hit@1 / hit@5 / hit@10 / MRR",
                                      fmt(score)))
                     if "lexical" in modes:
                         score = evaluate_ts_rank_cd(on_pg, url, name, questions, args.chunks)
                         results[name]["postgres"]["lexical_ts_rank_cd"] = score
-                        rows.append((f"{name} lexical [postgres ts_rank_cd]: hit@1 / hit@5 / "
+                        rows.append((f"{name} lexical (postgres ts_rank_cd): hit@1 / hit@5 / "
                                      "hit@10 / MRR", fmt(score)))
             if args.lexical == "both":
                 for mode in modes:
