@@ -30,6 +30,7 @@ the rest of a sync. Concurrent writers are safe: rows are upserted by chunk id.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -83,6 +84,19 @@ ORDER BY score DESC, chunk_id LIMIT :k
 """
 
 
+#: One engine (connection pool) per URL per process, and the URLs whose tables exist.
+_ENGINES: dict[str, Engine] = {}
+_READY: set[str] = set()
+_ENGINES_LOCK = threading.Lock()
+
+
+def _engine(url: str) -> Engine:
+    with _ENGINES_LOCK:
+        if url not in _ENGINES:
+            _ENGINES[url] = create_engine(url, pool_pre_ping=True, future=True)
+        return _ENGINES[url]
+
+
 def _quote(term: str) -> str:
     """A lexeme in ``tsvector``/``tsquery`` input syntax (quotes and backslashes escaped)."""
     return "'" + term.replace("\\", "\\\\").replace("'", "''") + "'"
@@ -128,10 +142,12 @@ class PostgresLexicalIndex:
         self.url = url
         self.ranking = ranking
         try:
-            self.engine: Engine = create_engine(url, pool_pre_ping=True, future=True)
+            self.engine: Engine = _engine(url)
         except Exception as exc:  # bad URL, missing driver
             raise LexicalIndexError(f"bad lexical.url: {type(exc).__name__}") from None
         self.path = self.engine.url.render_as_string(hide_password=True)
+        if url in _READY:
+            return
         try:
             with self.engine.begin() as conn:
                 # two processes creating the tables at once would race on the catalog
@@ -140,7 +156,9 @@ class PostgresLexicalIndex:
                     conn.execute(text(stmt))
                 conn.execute(text("INSERT INTO lexical_meta VALUES ('version', :v) "
                                   "ON CONFLICT (key) DO NOTHING"), {"v": self.version})
+            _READY.add(url)
         except SQLAlchemyError as exc:
+            _ENGINES.pop(url, None)
             self.engine.dispose()
             raise LexicalIndexError(
                 f"cannot open the lexical index {self.path}: {type(exc.orig or exc).__name__}: "
@@ -231,4 +249,6 @@ class PostgresLexicalIndex:
             return [LexicalHit(cid, float(score)) for cid, score in conn.execute(text(sql), params)]
 
     def close(self) -> None:
-        self.engine.dispose()
+        """Nothing to release: every call returns its connection to the pool, and the
+        pool is shared by this process's next opens of the same URL (a query that opens
+        the index must not pay a new connection)."""
