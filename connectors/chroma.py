@@ -210,6 +210,27 @@ class ChromaStore:
                 return
             offset += page
 
+    def _count(self, col, where: Mapping[str, Any]) -> int:
+        """Rows matching ``where``, read as ids only, ``get_max_batch_size()`` at a time."""
+        total, offset = 0, 0
+        while True:
+            n = len(col.get(where=dict(where), include=[], limit=self.max_batch,
+                            offset=offset)["ids"])
+            total += n
+            if n < self.max_batch:
+                return total
+            offset += n
+
+    def source_counts(self, source: str) -> tuple[int, int]:
+        """``(documents, chunks)`` the index holds for ``source``: ids only (no metadata
+        or documents leave Chroma); a document is counted by its chunk 0."""
+        col = self.collection(create=False)
+        if col is None:
+            return 0, 0
+        chunks = self._count(col, {"source": source})
+        docs = self._count(col, {"$and": [{"source": source}, {"chunk_index": 0}]}) if chunks else 0
+        return docs, chunks
+
     def doc_ids(self, source: str) -> set[str]:
         """Ids of the documents the index holds for ``source``."""
         return {meta["doc_id"] for _, meta in self.iter_metadata({"source": source})}

@@ -14,6 +14,10 @@ Write order (see ``flows.embed.apply_batch``): the lexical index is written *bef
 Chroma. Chroma is the source of truth for what is indexed, so a crash between the two
 writes leaves the document incomplete in Chroma, and the next sync rewrites it in both.
 Rows whose chunk id is not in Chroma are dropped at query time.
+
+Two backends with the same methods (:class:`LexicalBackend`): this SQLite file (one
+machine) and :class:`connectors.lexical_postgres.PostgresLexicalIndex` (one index shared
+by every worker and query); :func:`open_index` picks one from ``lexical.url``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from transforms.analysis import ANALYZER_VERSION, analyze
 
@@ -43,6 +47,51 @@ class LexicalHit:
 
     chunk_id: str
     score: float
+
+
+class LexicalBackend(Protocol):
+    """What a lexical index offers the flows (SQLite :class:`LexicalIndex`, or
+    :class:`connectors.lexical_postgres.PostgresLexicalIndex`)."""
+
+    version: str
+    path: Any  #: where it lives, for messages (a file, or the URL without password)
+
+    @property
+    def current(self) -> bool: ...
+    def count(self) -> int: ...
+    def ids(self) -> set[str]: ...
+    def add(self, ids: Sequence[str], texts: Sequence[str],
+            metadatas: Sequence[dict[str, Any]]) -> None: ...
+    def delete(self, ids: Iterable[str]) -> None: ...
+    def delete_documents(self, doc_ids: Iterable[str]) -> None: ...
+    def clear(self) -> None: ...
+    def search(self, text: str, k: int = 50, source: str | None = None) -> list[LexicalHit]: ...
+    def close(self) -> None: ...
+
+
+def is_database_url(location: str | Path | None) -> bool:
+    """True for a PostgreSQL URL (``postgresql://``, ``postgresql+psycopg://``)."""
+    return isinstance(location, str) and location.startswith(("postgresql:", "postgresql+",
+                                                               "postgres:"))
+
+
+def open_index(location: str | Path) -> LexicalBackend:
+    """The lexical index at ``location``: a PostgreSQL URL
+    (``postgresql+psycopg://user@host:5432/db``) or a SQLite file path.
+
+    Raises:
+        LexicalIndexError: it cannot be opened.
+    """
+    if is_database_url(location):
+        from connectors.lexical_postgres import PostgresLexicalIndex
+
+        url = str(location)
+        if url.startswith("postgres:"):
+            url = "postgresql:" + url[len("postgres:"):]
+        if url.startswith("postgresql://"):  # SQLAlchemy would pick psycopg2
+            url = "postgresql+psycopg://" + url[len("postgresql://"):]
+        return PostgresLexicalIndex(url)
+    return LexicalIndex(location)
 
 
 class LexicalIndex:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import re
-from collections import defaultdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -327,15 +326,12 @@ def status() -> None:
 
     settings = _settings()
     state = StateStore(settings.resolved_state_url)
-    docs: dict[str, set[str]] = defaultdict(set)
-    chunks: dict[str, int] = defaultdict(int)
     store = open_store(settings)
-    for _, meta in store.iter_metadata():
-        docs[meta.get("source", "?")].add(meta.get("doc_id", ""))
-        chunks[meta.get("source", "?")] += 1
     counts = state.issue_counts()
     leases = state.locks()
-    names = list(dict.fromkeys([s.name for s in settings.sources] + state.names() + list(docs)))
+    names = list(dict.fromkeys([s.name for s in settings.sources] + state.names()))
+    # ids-only counts per source (benchmarks/scale.py): no chunk's metadata is read
+    indexed = {n: store.source_counts(n) for n in names}
     console.print(f"[bold]kbsync status[/] — index {settings.chroma.url or settings.chroma_path}, "
                   f"collection {settings.chroma.collection}", highlight=False)
     if not names:
@@ -353,7 +349,7 @@ def status() -> None:
         console.print(f"  cursor: {cursor}", highlight=False, markup=False)
         console.print(f"  last success: {success}; last run: {st.last_status or 'none'}",
                       highlight=False, markup=False)
-        console.print(f"  documents: {len(docs.get(n, ()))}; chunks: {chunks.get(n, 0)}; "
+        console.print(f"  documents: {indexed[n][0]}; chunks: {indexed[n][1]}; "
                       f"failed: {counts.get((n, 'failed'), 0)}; "
                       f"skipped: {counts.get((n, 'skipped'), 0)}", highlight=False, markup=False)
         if n in leases:
@@ -433,17 +429,17 @@ def reindex(
     """Rebuild a derived index from Chroma (the source of truth)."""
     if not lexical:
         raise _fail("say what to rebuild: --lexical", 2)
-    from connectors.lexical import LexicalIndex
+    from connectors.lexical import open_index
     from flows.embed import rebuild_lexical
     from flows.retrieve import open_store
 
     settings = _settings()
-    index = LexicalIndex(settings.lexical_path)
+    index = open_index(settings.lexical_location)
     try:
         n = rebuild_lexical(open_store(settings), index)
     finally:
         index.close()
-    console.print(f"lexical index rebuilt: {n} chunks in {settings.lexical_path}")
+    console.print(f"lexical index rebuilt: {n} chunks in {index.path}")
 
 
 STATUS_STYLE = {"passed": "bold green", "failed": "bold red", "unchecked": "bold yellow"}

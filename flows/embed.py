@@ -34,7 +34,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.exceptions import MissingContextError
 
 from connectors.chroma import ChromaStore, EmbeddingModelMismatch
-from connectors.lexical import LexicalIndex
+from connectors.lexical import LexicalBackend, open_index
 from connectors.staging import BatchStaging, read_batch_table, remove_batch
 from flows.settings import Settings, load_settings
 from transforms.batches import ChunkBatch, batch_to_table, table_to_batch
@@ -67,7 +67,7 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
 
 def apply_batch(batch: ChunkBatch, store: ChromaStore, embedder: Callable[[], Embedder],
                 progress: Callable[[int], None] | None = None,
-                lexical: LexicalIndex | None = None) -> dict[str, float]:
+                lexical: LexicalBackend | None = None) -> dict[str, float]:
     """Embed ``batch.add_texts`` and apply the batch to ``lexical`` and ``store``.
 
     Args:
@@ -105,7 +105,7 @@ def apply_batch(batch: ChunkBatch, store: ChromaStore, embedder: Callable[[], Em
     return seconds
 
 
-def rebuild_lexical(store: ChromaStore, lexical: LexicalIndex, page: int = 2000) -> int:
+def rebuild_lexical(store: ChromaStore, lexical: LexicalBackend, page: int = 2000) -> int:
     """Rebuild the lexical index from the chunks Chroma holds; returns the chunk count.
 
     Used by ``kbsync reindex --lexical`` and automatically when the lexical index is
@@ -146,12 +146,13 @@ def open_collection(settings: Settings, model_name: str,
     return store
 
 
-def open_lexical(settings: Settings, store: ChromaStore) -> LexicalIndex | None:
-    """The lexical index, or None when disabled. Rebuilt from Chroma first when it is
+def open_lexical(settings: Settings, store: ChromaStore) -> LexicalBackend | None:
+    """The lexical index (``lexical.url``'s PostgreSQL, else the SQLite file), or None
+    when disabled. Rebuilt from Chroma first when it is
     missing or stale (another analyzer version, or empty while Chroma is not)."""
     if not settings.lexical.enabled:
         return None
-    lexical = LexicalIndex(settings.lexical_path)
+    lexical = open_index(settings.lexical_location)
     if not lexical.current or (lexical.count() == 0 and store.count() > 0):
         log.warning("rebuilding the lexical index %s from Chroma", lexical.path)
         rebuild_lexical(store, lexical)

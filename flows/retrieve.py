@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from connectors.chroma import ChromaStore, EmbeddingModelMismatch
-from connectors.lexical import LexicalIndex
+from connectors.lexical import is_database_url, open_index
 from flows.settings import Settings
 from transforms.embedding import fertility_weight, load_embedder, resolve_model
 
@@ -96,9 +96,11 @@ def _dense(settings: Settings, store: ChromaStore, text: str, n: int,
 
 def _lexical(settings: Settings, store: ChromaStore, text: str, n: int, source: str | None,
              where: dict[str, Any] | None) -> list[tuple[str, float, str, dict[str, Any]]]:
-    if not settings.lexical.enabled or not settings.lexical_path.exists():
+    location = settings.lexical_location
+    if not settings.lexical.enabled or (not is_database_url(location)
+                                        and not settings.lexical_path.exists()):
         return []
-    index = LexicalIndex(settings.lexical_path)
+    index = open_index(location)
     try:
         hits = index.search(text, k=n, source=source)
     finally:

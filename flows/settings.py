@@ -109,10 +109,13 @@ class ChunkingSettings(_Model):
 
 
 class LexicalSettings(_Model):
-    """The BM25 index kept in step with Chroma (SQLite FTS5 under the data dir)."""
+    """The BM25 index kept in step with Chroma: SQLite FTS5 under the data dir, or one
+    PostgreSQL database every worker shares (``url``)."""
 
     enabled: bool = True
     path: Path | None = Field(None, description="default <data_dir>/lexical.db")
+    url: str | None = Field(None, description="postgresql+psycopg://user@host:5432/db: the "
+                                              "lexical index in PostgreSQL (then path is unused)")
 
 
 class RetrievalSettings(_Model):
@@ -546,6 +549,11 @@ class Settings(BaseSettings):
     @property
     def lexical_path(self) -> Path:
         return self.lexical.path or self.data_dir / "lexical.db"
+
+    @property
+    def lexical_location(self) -> str | Path:
+        """``lexical.url`` when set (PostgreSQL), else the SQLite file."""
+        return self.lexical.url or self.lexical_path
 
     @property
     def staging_location(self) -> str:

@@ -52,7 +52,7 @@ from connectors.base import (
     utc,
 )
 from connectors.chroma import ChromaStore, IndexedDocument
-from connectors.lexical import LexicalIndex
+from connectors.lexical import LexicalBackend
 from flows.embed import apply_batch, embed_remote, open_collection, open_lexical
 from flows.settings import Settings, load_settings
 from flows.state import LeaseHeartbeat, StateStore, lease_holder_gone, lease_owner
@@ -144,7 +144,7 @@ class Pipeline:
         self._embedder: Embedder | None = None
         self._store: ChromaStore | None = None
         self._chunking: ChunkingConfig | None = None
-        self._lexical: LexicalIndex | None = None
+        self._lexical: LexicalBackend | None = None
         #: Goes into every document hash: a change of model or chunking re-chunks.
         self.hash_salt = f"{self.model_name}|{settings.chunking.model_dump_json()}"
 
@@ -164,7 +164,7 @@ class Pipeline:
         return self._store
 
     @property
-    def lexical(self) -> LexicalIndex | None:
+    def lexical(self) -> LexicalBackend | None:
         """The lexical index, or None when disabled. Rebuilt from Chroma first when it is
         missing or stale (another analyzer version, or empty while Chroma is not)."""
         if self._lexical is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -172,3 +172,28 @@ def llm_server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+#: The shared PostgreSQL server the tests use (``KBSYNC_TEST_POSTGRES`` overrides).
+TEST_POSTGRES = os.environ.get("KBSYNC_TEST_POSTGRES",
+                               "postgresql+psycopg://postgres@127.0.0.1:5432")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database with a random name on the real PostgreSQL server, dropped after
+    the test; yields its SQLAlchemy URL."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    name = f"kbsync_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(f"{TEST_POSTGRES}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"{TEST_POSTGRES}/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

@@ -1,0 +1,269 @@
+"""How the pipeline's own cost grows with the index: 1k, 10k, 100k chunks.
+
+For each size, a git repository is built from the real AWS documentation corpus
+(``../shared/realdata``), repeated in numbered copies when more volume is needed (each
+copy under its own folder, its first line changed, so ids and texts differ and every
+chunk is new). Then, in a child process per size (so peak memory is that size's):
+
+* **full sync** with ``--embedder hash`` (default): deterministic unit vectors from a
+  hash of each text instead of the model, so the figure is the pipeline's own cost
+  (read, chunk with the real tokenizer, hash-skip, write Chroma and the lexical index,
+  state); the real model stays the default everywhere outside this benchmark;
+* **no-op sync** (nothing changed), **1% edit** (one paragraph appended to 1% of the
+  files), **reconciliation** (a no-op sync that also lists every id);
+* **``kbsync status``** (a fresh process, as a user runs it) and the time of its body
+  in-process;
+* **``kbsync query``** per mode (dense, lexical, hybrid; in-process, after one warm-up);
+* **peak memory** (``ru_maxrss`` of the child).
+
+It prints a table per size, the growth factor smallest -> largest size of each figure,
+and the pipeline-overhead ratio against an *assumed* GPU encode throughput
+(``--gpu-chunks-per-s``; no GPU here — see the default's source below).
+
+    .venv/bin/python benchmarks/scale.py [--sizes 1000,10000,100000] [--chroma-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import (
+    DEFAULT_REALDATA,
+    ROOT,
+    aws_corpus,
+    corpus_files,
+    print_table,
+    run_flow,
+    settings_for,
+    warm_up_prefect,
+    write_json,
+)
+
+#: Chunks per AWS page, measured on the whole corpus (4,991 chunks / 300 pages ~ 16.6);
+#: used only to pick how many pages make a size, the real count is reported.
+CHUNKS_PER_PAGE = 16.6
+
+#: ASSUMED GPU encode throughput of all-MiniLM-L6-v2 (fp16, batch 256, ~190-token
+#: chunks) on one H100/H200: ~10,000 chunks/s. Order of magnitude from published
+#: sentence-transformers/MTEB throughput figures for MiniLM-L6 on A100/H100 GPUs, not
+#: measured here (no GPU on this machine). Override with --gpu-chunks-per-s.
+ASSUMED_GPU_CHUNKS_PER_S = 10_000.0
+
+
+class HashEmbedder:
+    """The real embedder's tokenizer and identity, with deterministic hash vectors
+    instead of the model's (benchmark only: isolates the pipeline's own cost)."""
+
+    def __init__(self, real) -> None:
+        self._real = real
+        self.encoded = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._real, name)
+
+    def encode(self, texts, progress=None, kind: str = "passage") -> np.ndarray:
+        out = np.empty((len(texts), self._real.dimension), dtype=np.float32)
+        for i, text in enumerate(texts):
+            seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+            v = np.random.default_rng(seed).standard_normal(self._real.dimension)
+            out[i] = v / np.linalg.norm(v)
+        self.encoded += len(texts)
+        if progress:
+            progress(len(texts))
+        return out
+
+
+def build_repo(files: dict[str, Path], pages: int, path: Path):
+    """A git repository with ``pages`` pages: the corpus, then numbered copies of it."""
+    import git
+
+    repo = git.Repo.init(path, initial_branch="main")
+    with repo.config_writer() as cfg:
+        cfg.set_value("user", "name", "bench")
+        cfg.set_value("user", "email", "bench@example.com")
+    names = sorted(files)
+    written = []
+    for i in range(pages):
+        rel = names[i % len(names)]
+        copy = i // len(names)
+        target = path / f"copy{copy:03d}" / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        text = files[rel].read_text(encoding="utf-8", errors="replace")
+        target.write_text(f"Copy {copy} of this page.\n\n{text}" if copy else text,
+                          encoding="utf-8")
+        written.append(target.relative_to(path).as_posix())
+    repo.git.add("-A")
+    repo.index.commit("corpus")
+    return repo, written
+
+
+def edit_files(repo, rels: list[str], share: float, round_: int) -> int:
+    """Append one paragraph to ``share`` of the files and commit; returns how many."""
+    step = max(1, round(1 / share))
+    chosen = rels[::step]
+    for rel in chosen:
+        target = Path(repo.working_tree_dir) / rel
+        target.write_text(target.read_text(encoding="utf-8") +
+                          f"\n\nEdit {round_}: a new closing paragraph for this page.\n",
+                          encoding="utf-8")
+    repo.git.add("-A")
+    repo.index.commit(f"edit {round_}")
+    return len(chosen)
+
+
+def measure(size: int, args) -> dict[str, Any]:
+    """Everything for one size, in this (child) process."""
+    from flows.retrieve import retrieve
+    from flows.sync import Pipeline
+
+    work = Path(tempfile.mkdtemp(prefix=f"kbsync-scale-{size}-"))
+    try:
+        files = corpus_files(aws_corpus(args.realdata, args.cache))
+        pages = max(1, round(size / CHUNKS_PER_PAGE))
+        repo, rels = build_repo(files, pages, work / "repo")
+        extra: dict[str, Any] = {}
+        if args.chroma_url:
+            extra["chroma"] = {"url": args.chroma_url, "collection": f"scale{size}"}
+        if args.lexical_url:
+            extra["lexical"] = {"url": args.lexical_url}
+        settings = settings_for(work / "repo", work / "data", name="scale", **extra)
+        out: dict[str, Any] = {"pages": pages}
+
+        def sync(**kw):
+            pipeline = Pipeline(settings)
+            if args.embedder == "hash":
+                from transforms.embedding import load_embedder
+
+                pipeline._embedder = HashEmbedder(load_embedder(settings.embedding.spec()))
+            try:
+                summary, wall = run_flow(settings, "scale", pipeline=pipeline, **kw)
+            finally:
+                pipeline.close()
+            return summary, wall
+
+        out["prefect_start_s"] = round(warm_up_prefect(), 2)  # not part of any figure
+        summary, wall = sync()
+        out["chunks"] = summary["chunks_embedded"]
+        out["full_sync_s"] = round(wall - summary["seconds"].get("embed", 0.0), 2)
+        out["full_sync_embed_s"] = round(summary["seconds"].get("embed", 0.0), 2)
+        out["full_sync_stages"] = summary["seconds"]
+        summary, wall = sync()
+        out["noop_sync_s"] = round(wall, 2)
+        assert summary["chunks_embedded"] == 0, summary
+        n = edit_files(repo, rels, 0.01, 1)
+        summary, wall = sync()
+        out["edit_1pct_s"] = round(wall, 2)
+        out["edit_1pct_files"] = n
+        out["edit_1pct_chunks_embedded"] = summary["chunks_embedded"]
+        summary, wall = sync(reconcile=True)
+        out["reconcile_s"] = round(wall, 2)
+        out["reconciled"] = summary["reconciled"]
+
+        config = work / "kbsync.yaml"
+        config.write_text(json.dumps({"data_dir": str(work / "data"), **extra,
+                                      "sources": [{"type": "git", "name": "scale",
+                                                   "url": str(work / "repo")}]}))
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", "--config", str(config),
+                               "status"], capture_output=True, text=True, cwd=ROOT)
+        out["status_process_s"] = round(time.perf_counter() - t0, 2)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stdout + proc.stderr)
+        from typer.testing import CliRunner
+
+        from flows.cli import app
+
+        CliRunner().invoke(app, ["--config", str(config), "status"])  # imports warm
+        t0 = time.perf_counter()
+        res = CliRunner().invoke(app, ["--config", str(config), "status"])
+        out["status_body_s"] = round(time.perf_counter() - t0, 3)
+        assert res.exit_code == 0, res.output
+
+        questions = ["How do I rotate an access key?", "encrypt an S3 bucket with KMS",
+                     "Lambda function timeout limit", "DynamoDB point-in-time recovery",
+                     "IAM role trust policy for EC2"]
+        for mode in ("dense", "lexical", "hybrid"):
+            retrieve(settings, questions[0], k=5, mode=mode)  # warm-up: model, connections
+            t0 = time.perf_counter()
+            for q in questions:
+                retrieve(settings, q, k=5, mode=mode)
+            out[f"query_{mode}_ms"] = round((time.perf_counter() - t0) / len(questions) * 1000, 1)
+        out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+GROWTH = ["full_sync_s", "noop_sync_s", "edit_1pct_s", "reconcile_s", "status_process_s",
+          "status_body_s", "query_dense_ms", "query_lexical_ms", "query_hybrid_ms",
+          "peak_rss_mb"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000,10000", help="target chunk counts")
+    parser.add_argument("--embedder", choices=["hash", "model"], default="hash",
+                        help="hash: deterministic vectors (pipeline cost only); model: real")
+    parser.add_argument("--chroma-url", default=None, help="a Chroma server (default: embedded)")
+    parser.add_argument("--lexical-url", default=None, help="Postgres lexical index URL")
+    parser.add_argument("--gpu-chunks-per-s", type=float, default=ASSUMED_GPU_CHUNKS_PER_S)
+    parser.add_argument("--realdata", type=Path, default=DEFAULT_REALDATA)
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "kbsync-aws")
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    if args.child is not None:
+        print("RESULT " + json.dumps(measure(args.child, args)))
+        return
+
+    results: dict[str, dict[str, Any]] = {}
+    for size in [int(s) for s in args.sizes.split(",")]:
+        cmd = [sys.executable, __file__, "--child", str(size), "--embedder", args.embedder,
+               "--realdata", str(args.realdata), "--cache", str(args.cache)]
+        for flag, value in (("--chroma-url", args.chroma_url), ("--lexical-url", args.lexical_url)):
+            if value:
+                cmd += [flag, value]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            sys.exit(f"size {size} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        results[str(size)] = json.loads(line[0][len("RESULT "):])
+        r = results[str(size)]
+        print_table(f"{r['chunks']} chunks ({r['pages']} pages, "
+                    f"{'Chroma server' if args.chroma_url else 'embedded Chroma'})",
+                    [(k, v) for k, v in r.items() if not isinstance(v, dict)])
+    sizes = list(results)
+    if len(sizes) > 1:
+        lo, hi = results[sizes[0]], results[sizes[-1]]
+        rows = [(f"{k}: {lo[k]} -> {hi[k]}", f"{hi[k] / lo[k]:.2f}x" if lo[k] else "n/a")
+                for k in GROWTH]
+        rows.insert(0, ("chunks", f"{lo['chunks']} -> {hi['chunks']} "
+                                  f"({hi['chunks'] / lo['chunks']:.0f}x)"))
+        print_table(f"growth {sizes[0]} -> {sizes[-1]} (targets: no-op, 1% edit, status <= 2x)",
+                    rows)
+        encode_s = hi["chunks"] / args.gpu_chunks_per_s
+        ratio = hi["full_sync_s"] / encode_s
+        print_table("pipeline overhead vs GPU encode (ASSUMED throughput)", [
+            ("assumed GPU encode, chunks/s", args.gpu_chunks_per_s),
+            (f"encode time at {hi['chunks']} chunks, s", round(encode_s, 2)),
+            ("pipeline (full sync minus embed), s", hi["full_sync_s"]),
+            ("overhead / encode (target <= 0.10)", round(ratio, 2))])
+        results["overhead"] = {"assumed_gpu_chunks_per_s": args.gpu_chunks_per_s,
+                               "encode_s": encode_s, "ratio": ratio}
+    print(f"JSON: {write_json('scale', results, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
