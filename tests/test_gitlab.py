@@ -659,7 +659,8 @@ def test_settings_read_a_gitlab_source_from_yaml(tmp_path, monkeypatch):
     assert "glpat-from-env-123" not in repr(source)
     conn = source.build(settings)
     assert isinstance(conn, GitLabConnector)
-    assert conn.options.token == "glpat-from-env-123" and conn.options.projects == ["tools/cli", "4242"]
+    assert conn.options.token.get_secret_value() == "glpat-from-env-123"
+    assert conn.options.projects == ["tools/cli", "4242"]
     assert "glpat-from-env-123" not in repr(conn.options)
     assert conn.options.parts == ["issues", "wiki"] and conn.options.overlap_minutes == 5
 
