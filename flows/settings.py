@@ -275,19 +275,25 @@ def _options(source: SourceOptions, options: type[Options]) -> Options:
     return options.model_validate({key: getattr(source, key) for key in options.model_fields})
 
 
-class GitSource(GitSourceOptions):
+class _Source(SourceOptions):
+    """What every source's settings add to its connector's options: a checked name and
+    a schedule (each ``*Source`` names its ``type``)."""
+
+    name: str = Field(pattern=SOURCE_NAME)
+    schedule: str | None = Field(None, description="cron for scheduled syncs")
+
+
+class GitSource(_Source, GitSourceOptions):
     """A git repository: a local path or a clone URL (``type: git``)."""
 
     type: Literal["git"] = "git"
-    name: str = Field(pattern=SOURCE_NAME)
-    schedule: str | None = Field(None, description="cron for scheduled syncs")
 
     def build(self, settings: Settings) -> GitConnector:
         """The connector for this source."""
         return GitConnector(_options(self, GitSourceOptions), data_dir=settings.data_dir)
 
 
-class ConfluenceSource(ConfluenceSourceOptions):
+class ConfluenceSource(_Source, ConfluenceSourceOptions):
     """Confluence Cloud or Server/Data Center (``type: confluence``).
 
     Scope: ``spaces`` and/or a ``cql`` filter (both given: both must match). Auth, one of:
@@ -296,8 +302,6 @@ class ConfluenceSource(ConfluenceSourceOptions):
     """
 
     type: Literal["confluence"] = "confluence"
-    name: str = Field(pattern=SOURCE_NAME)
-    schedule: str | None = Field(None, description="cron for scheduled syncs")
 
     @model_validator(mode="after")
     def _scope_and_auth(self) -> ConfluenceSource:
@@ -322,12 +326,10 @@ class ConfluenceSource(ConfluenceSourceOptions):
         return ConfluenceConnector(self.options())
 
 
-class GitLabSource(GitLabSourceOptions):
+class GitLabSource(_Source, GitLabSourceOptions):
     """GitLab projects: repository files, issues, merge requests, wiki (``type: gitlab``)."""
 
     type: Literal["gitlab"] = "gitlab"
-    name: str = Field(pattern=SOURCE_NAME)
-    schedule: str | None = Field(None, description="cron for scheduled syncs")
 
     @model_validator(mode="after")
     def _needs_projects(self) -> GitLabSource:
@@ -340,7 +342,7 @@ class GitLabSource(GitLabSourceOptions):
         return GitLabConnector(_options(self, GitLabSourceOptions), data_dir=settings.data_dir)
 
 
-class JiraSource(JiraSourceOptions):
+class JiraSource(_Source, JiraSourceOptions):
     """Jira Cloud or Server/Data Center issues matching a JQL filter (``type: jira``).
 
     Cloud: ``email`` + ``api_token``; Server/DC: ``token`` (a personal access token);
@@ -348,8 +350,6 @@ class JiraSource(JiraSourceOptions):
     """
 
     type: Literal["jira"] = "jira"
-    name: str = Field(pattern=SOURCE_NAME)
-    schedule: str | None = Field(None, description="cron for scheduled syncs")
 
     @model_validator(mode="after")
     def _one_auth(self) -> JiraSource:
