@@ -19,9 +19,9 @@ from connectors.confluence import (
     cql_date,
     retry_after_seconds,
 )
+from fakes.confluence_server import EPOCH, FakeConfluence, iso, tiny_pdf
 from flows.settings import ConfigError, Settings, load_settings
 from flows.state import StateStore
-from tests.confluence_server import EPOCH, FakeConfluence, iso, tiny_pdf
 from tests.conftest import REALDATA
 from tests.test_sync import chunks_by_doc
 from transforms.chunking import ChunkingConfig, chunk_document

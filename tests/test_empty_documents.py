@@ -9,10 +9,10 @@ from datetime import timedelta
 
 import pytest
 
+from fakes.confluence_server import EPOCH, FakeConfluence
 from flows.settings import Settings
 from flows.state import StateStore
 from flows.sync import NO_TEXT_REASON
-from tests.confluence_server import EPOCH, FakeConfluence
 from tests.conftest import REALDATA
 from tests.test_sync import chunks_by_doc, sync
 

@@ -1,5 +1,5 @@
 """The GitLab source: transforms on real API shapes, the connector against a GitLab API
-fake (pytest-httpserver, tests/gitlab_fake.py) and a real bare git repository reached by
+fake (pytest-httpserver, fakes/gitlab_server.py) and a real bare git repository reached by
 a ``file://`` URL, and real sync flow runs into real Chroma."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import pytest
 
 from connectors.base import ConnectorError, FetchRequest, TransientSourceError
 from connectors.gitlab import GitLabConnector, GitLabSourceOptions
+from fakes.gitlab_server import FIXTURES, GitLabFake, days_ago, gitlab_time
 from flows.settings import ConfigError, Settings, load_settings
 from flows.state import StateStore
 from flows.sync import run_sync
 from tests.conftest import REALDATA
-from tests.gitlab_fake import FIXTURES, GitLabFake, days_ago, gitlab_time
 from transforms.gitlab import (
     issue_text,
     item_metadata,

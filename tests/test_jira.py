@@ -13,9 +13,9 @@ from pathlib import Path
 import chromadb
 import pytest
 
-from benchmarks.corpus_jira import FakeJira, load_archive
 from connectors.base import ConnectorError, Document, FetchRequest, TransientSourceError
 from connectors.jira import JiraConnector, JiraSourceOptions, epoch_ms, strip_order_by
+from fakes.jira_server import FakeJira, load_archive
 from flows.settings import ConfigError, Settings, load_settings
 from flows.state import StateStore
 from flows.sync import run_sync
