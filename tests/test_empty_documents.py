@@ -33,7 +33,6 @@ def fake(httpserver) -> FakeConfluence:
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not APACHE.is_file(), reason=f"shared real data not found at {APACHE}")
 def test_real_confluence_page_of_headings_over_macros_is_skipped(tmp_path, fake):
     """Apache's page 132321764 "Meeting notes" is two headings over blueprint macros: it
     converts to headings only and chunks to nothing."""
