@@ -56,7 +56,7 @@ bench: install
 	$(BIN)/python benchmarks/validation.py
 
 lint: install
-	$(BIN)/ruff check connectors transforms flows tests benchmarks
+	$(BIN)/ruff check connectors transforms flows tests benchmarks fakes
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR) .pytest_cache

@@ -1,7 +1,7 @@
 """The Confluence corpus for ``ingest.py --corpus confluence``: the 450 Apache wiki pages of
 ``realdata/confluence/apache_cwiki_storage_pages`` (KAFKA, FLINK, AIRFLOW; real storage
 format) served on localhost by the same Confluence REST stand-in the tests use
-(``tests/confluence_server.py`` on a ``pytest_httpserver.HTTPServer``), so the sync goes
+(``fakes/confluence_server.py`` on a ``pytest_httpserver.HTTPServer``), so the sync goes
 through the real connector: CQL search pages with bodies expanded, ``_links.next``,
 checkpoints, user look-ups for mentions.
 """
@@ -21,7 +21,7 @@ from common import ROOT
 
 sys.path.insert(0, str(ROOT))
 
-from tests.confluence_server import FakeConfluence  # noqa: E402
+from fakes.confluence_server import FakeConfluence  # noqa: E402
 
 CWIKI = Path("confluence") / "apache_cwiki_storage_pages"
 EDIT_SENTENCE = " This sentence was added by the benchmark edit."

@@ -2,7 +2,7 @@
 
 Serves a project with ``--issues`` issues and ``--mrs`` merge requests (each with
 ``--notes`` user notes plus one system note) and ``--wiki`` wiki pages from the GitLab
-API fake of the tests (``tests/gitlab_fake.py``, real HTTP on localhost, GitLab's
+API fake of the tests (``fakes/gitlab_server.py``, real HTTP on localhost, GitLab's
 pagination headers), and measures the connector alone (no embedding):
 
 * full read: seconds, documents/s, requests;
@@ -81,7 +81,7 @@ def main() -> None:
 
     from connectors.base import FetchRequest
     from connectors.gitlab import GitLabConnector, GitLabSourceOptions
-    from tests.gitlab_fake import GitLabFake, gitlab_time
+    from fakes.gitlab_server import GitLabFake, gitlab_time
 
     rng = random.Random(7)
     server = HTTPServer()

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from pydantic import BaseModel, ConfigDict, SecretStr
+
 #: Metadata values Chroma accepts: flat scalars only (no lists, dicts or None).
 MetadataValue = str | int | float | bool
 
@@ -253,6 +255,26 @@ class SourceConnector(Protocol):
 def now_utc() -> datetime:
     """The current time, aware UTC."""
     return datetime.now(UTC)
+
+
+class SourceOptions(BaseModel):
+    """The options of one source, as its connector reads them: a pydantic model.
+
+    Each connector declares its options once, as a subclass (fields, defaults, bounds);
+    the settings' source models (``flows.settings.*Source``) extend them with ``type``,
+    ``schedule`` and cross-field checks, so nothing is declared twice. Unknown keys are
+    errors; secrets are ``SecretStr`` (``**********`` in repr, logs and errors), read
+    with :func:`reveal` where a request needs them.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+
+
+def reveal(value: SecretStr | None) -> str | None:
+    """The plain value of a secret option (``None`` stays ``None``)."""
+    return value.get_secret_value() if value is not None else None
 
 
 def redact(text: str, secrets: list[str | None] | tuple[str | None, ...] = ()) -> str:

@@ -68,16 +68,17 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qsl, quote, urlparse
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import requests
 from atlassian import Confluence
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 
 from connectors import http
 from connectors.base import (
@@ -88,10 +89,12 @@ from connectors.base import (
     FetchRequest,
     Listing,
     Page,
+    SourceOptions,
     TransientSourceError,
     Watermark,
     parse_instant,
     redact,
+    reveal,
     utc,
 )
 from connectors.http import classify, retry_after_seconds  # noqa: F401 - re-exported
@@ -110,40 +113,61 @@ CQL_DATE = "%Y-%m-%d %H:%M"
 USER_PARAM = {"userkey": "key", "account-id": "accountId", "username": "username"}
 
 
-@dataclass
-class ConfluenceSourceOptions:
-    """Settings of one Confluence source (see ``flows.settings.ConfluenceSource``).
+class ConfluenceSourceOptions(SourceOptions):
+    """Settings of one Confluence source (``flows.settings.ConfluenceSource`` adds
+    ``type``, ``schedule`` and the scope and auth checks).
 
     Auth is one of: ``email`` + ``api_token`` (Cloud), ``token`` (a Server/DC personal
     access token, sent as ``Bearer``), ``username`` + ``password`` (Server/DC basic), or
     none (anonymous read of a public site).
     """
 
-    name: str
-    base_url: str
-    cloud: bool | None = None
-    spaces: list[str] = field(default_factory=list)
-    cql: str | None = None
-    email: str | None = None
-    api_token: str | None = None
-    token: str | None = None
-    username: str | None = None
-    password: str | None = None
+    base_url: str = Field(pattern=r"^https?://\S+$",
+                          description="https://<site>.atlassian.net/wiki or the Server URL")
+    cloud: bool | None = Field(None, description="default: true for *.atlassian.net")
+    spaces: list[Annotated[str, Field(pattern=r"^~?[A-Za-z0-9_-]+$")]] = Field(
+        default_factory=list, description="space keys")
+    cql: str | None = Field(None, description="extra CQL filter, without ORDER BY")
+    email: str | None = Field(None, description="Cloud: the account's email")
+    api_token: SecretStr | None = Field(None, description="Cloud API token, ${CONFLUENCE_TOKEN}")
+    token: SecretStr | None = Field(None, description="Server/DC personal access token")
+    username: str | None = Field(None, description="Server/DC user (with password)")
+    password: SecretStr | None = None
     include_blogposts: bool = True
-    overlap_minutes: int = 30
-    timezone: str = "UTC"
-    page_size: int = 50
-    min_page_size: int = 5
-    list_page_size: int = 200
-    attachments: bool = False
-    attachment_max_bytes: int = 10_000_000
-    resolve_mentions: bool = True
-    max_retries: int = 5
-    retry_after_max_seconds: float = 60.0
-    backoff_initial_seconds: float = 1.0
-    backoff_max_seconds: float = 30.0
-    timeout_seconds: float = 60.0
+    overlap_minutes: int = Field(30, ge=0, le=7 * 24 * 60,
+                                 description="re-read this much before the cursor")
+    timezone: str = Field("UTC", description="the account's profile time zone (CQL dates)")
+    page_size: int = Field(50, ge=2, le=1000, description="results per search request")
+    min_page_size: int = Field(5, ge=2, le=1000, description="floor when 5xx shrink pages")
+    list_page_size: int = Field(200, ge=2, le=1000, description="ids per listing request")
+    attachments: bool = Field(False, description="index text-like attachments")
+    attachment_max_bytes: int = Field(10_000_000, ge=1)
+    resolve_mentions: bool = Field(True, description="look up names of mentioned users")
+    max_retries: int = Field(5, ge=0, le=50, description="retries of one request")
+    retry_after_max_seconds: float = Field(
+        60.0, ge=0, description="cap on Retry-After (also read as max_retry_after_seconds)",
+        validation_alias=AliasChoices("retry_after_max_seconds", "max_retry_after_seconds"))
+    backoff_initial_seconds: float = Field(1.0, ge=0)
+    backoff_max_seconds: float = Field(30.0, ge=0)
+    timeout_seconds: float = Field(60.0, gt=0)
     verify_ssl: bool = True
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name, e.g. "
+                             "Europe/Berlin)") from None
+        return value
+
+    @field_validator("cql")
+    @classmethod
+    def _no_order(cls, value: str | None) -> str | None:
+        if value is not None and re.search(r"\border\s+by\b", value, re.IGNORECASE):
+            raise ValueError("leave ORDER BY out of cql (kbsync orders by lastmodified)")
+        return value.strip() if value else None
 
     @property
     def policy(self) -> http.RetryPolicy:
@@ -173,8 +197,9 @@ class ConfluenceSourceOptions:
     @property
     def secrets(self) -> list[str | None]:
         """Every secret value and the encodings it travels in, for :func:`redact`."""
-        out: list[str | None] = [self.api_token, self.token, self.password]
-        for user, secret in ((self.email, self.api_token), (self.username, self.password)):
+        api_token, password = reveal(self.api_token), reveal(self.password)
+        out: list[str | None] = [api_token, reveal(self.token), password]
+        for user, secret in ((self.email, api_token), (self.username, password)):
             if user and secret:
                 out.append(base64.b64encode(f"{user}:{secret}".encode()).decode())
         return out
@@ -315,11 +340,11 @@ class ConfluenceConnector:
                 "retry_with_header": False, "backoff_and_retry": False,
             }
             if o.email and o.api_token:
-                kwargs.update(username=o.email, password=o.api_token)
+                kwargs.update(username=o.email, password=reveal(o.api_token))
             elif o.token:
-                kwargs["token"] = o.token
+                kwargs["token"] = reveal(o.token)
             elif o.username and o.password:
-                kwargs.update(username=o.username, password=o.password)
+                kwargs.update(username=o.username, password=reveal(o.password))
             _LIBRARY_LOG_FILTER.secrets.update(s for s in o.secrets if s)
             self._client = Confluence(o.api_url, **kwargs)
         return self._client

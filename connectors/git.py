@@ -21,12 +21,12 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import git
 from pathspec import PathSpec
+from pydantic import Field, SecretStr
 
 from connectors.base import (
     Checkpoint,
@@ -36,7 +36,9 @@ from connectors.base import (
     FetchRequest,
     Listing,
     Page,
+    SourceOptions,
     redact,
+    reveal,
 )
 
 log = logging.getLogger(__name__)
@@ -84,24 +86,20 @@ def classify_path(path: str) -> tuple[str, str | None]:
     return "code", language
 
 
-@dataclass
-class GitSourceOptions:
-    """Settings of one git source (see ``flows.settings.GitSource``)."""
+class GitSourceOptions(SourceOptions):
+    """Settings of one git source (``flows.settings.GitSource`` adds ``type`` and
+    ``schedule``)."""
 
-    name: str
-    url: str
+    url: str = Field(description="local path or clone URL (https://, ssh://, file://)")
     branch: str | None = None
-    include: list[str] = field(default_factory=lambda: ["**"])
-    exclude: list[str] = field(default_factory=list)
-    max_file_bytes: int = 1_000_000
-    token: str | None = field(default=None, repr=False)  # never printed
-    username: str = "oauth2"
-    web_url: str | None = None
-    page_size: int = 100
-    clone_dir: Path | None = None
-    #: put between ``<name>:`` and the path in document ids (``"group/app:code:"``), so
-    #: a source that holds several repositories (GitLab) keeps their ids apart
-    id_prefix: str = ""
+    include: list[str] = Field(default_factory=lambda: ["**"])
+    exclude: list[str] = Field(default_factory=list)
+    max_file_bytes: int = Field(1_000_000, ge=1)
+    token: SecretStr | None = Field(None, description="HTTPS token, e.g. ${GITLAB_TOKEN}")
+    username: str = Field("oauth2", description="HTTPS user that goes with the token")
+    web_url: str | None = Field(
+        None, description="document URL template: {path}, {commit}, {branch}")
+    page_size: int = Field(100, ge=1, le=10_000)
 
 
 class GitConnector:
@@ -110,6 +108,10 @@ class GitConnector:
     Args:
         options: the source's settings.
         data_dir: kbsync's data directory; clones live in ``<data_dir>/git/``.
+        clone_dir: where to clone instead (GitLab keeps one per project).
+        id_prefix: put between ``<name>:`` and the path in document ids
+            (``"group/app:code:"``), so a source that holds several repositories
+            (GitLab) keeps their ids apart.
 
     Raises:
         ConnectorError: the repository cannot be opened, cloned or fetched, or the
@@ -118,8 +120,11 @@ class GitConnector:
 
     source_type = "git"
 
-    def __init__(self, options: GitSourceOptions, data_dir: Path | None = None) -> None:
+    def __init__(self, options: GitSourceOptions, data_dir: Path | None = None, *,
+                 clone_dir: Path | None = None, id_prefix: str = "") -> None:
         self.options = options
+        self._clone_dir = clone_dir
+        self._id_prefix = id_prefix
         self.name = options.name
         self._data_dir = Path(data_dir) if data_dir else Path(".kbsync")
         self._include = PathSpec.from_lines("gitwildmatch", options.include or ["**"])
@@ -135,10 +140,9 @@ class GitConnector:
 
     def _git_env(self) -> dict[str, str]:
         env = {"GIT_TERMINAL_PROMPT": "0"}
-        if self.options.token:
-            basic = base64.b64encode(
-                f"{self.options.username}:{self.options.token}".encode()
-            ).decode()
+        token = reveal(self.options.token)
+        if token:
+            basic = base64.b64encode(f"{self.options.username}:{token}".encode()).decode()
             env.update(
                 GIT_CONFIG_COUNT="1",
                 GIT_CONFIG_KEY_0="http.extraHeader",
@@ -147,11 +151,11 @@ class GitConnector:
         return env
 
     def _error(self, what: str, exc: Exception) -> ConnectorError:
-        basic = None
-        if self.options.token:
-            basic = base64.b64encode(f"{self.options.username}:{self.options.token}".encode()).decode()
+        basic, token = None, reveal(self.options.token)
+        if token:
+            basic = base64.b64encode(f"{self.options.username}:{token}".encode()).decode()
         detail = str(exc.stderr if isinstance(exc, git.GitCommandError) else exc).strip()
-        message = redact(f"{what}: {detail}", [self.options.token, basic])
+        message = redact(f"{what}: {detail}", [token, basic])
         return ConnectorError(f"git source {self.name!r}: {message}")
 
     def repo(self) -> git.Repo:
@@ -159,7 +163,7 @@ class GitConnector:
         if self._repo is not None:
             return self._repo
         if self.is_remote:
-            clone_dir = self.options.clone_dir or self._data_dir / "git" / f"{self.name}.git"
+            clone_dir = self._clone_dir or self._data_dir / "git" / f"{self.name}.git"
             safe_url = redact(self.options.url)
             try:
                 if (clone_dir / "HEAD").exists():
@@ -215,7 +219,7 @@ class GitConnector:
         return self._include.match_file(path) and not self._exclude.match_file(path)
 
     def _doc_id(self, path: str) -> str:
-        return f"{self.name}:{self.options.id_prefix}{path}"
+        return f"{self.name}:{self._id_prefix}{path}"
 
     def _tree_paths(self, commit: git.Commit) -> list[str]:
         out = self.repo().git.ls_tree("-r", "-z", "--name-only", commit.hexsha)

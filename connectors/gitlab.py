@@ -66,14 +66,15 @@ import copy
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import gitlab
 import requests
 from gitlab.exceptions import GitlabAuthenticationError, GitlabError
+from pydantic import BeforeValidator, Field, SecretStr, field_validator
 
 from connectors import http
 from connectors.base import (
@@ -87,10 +88,12 @@ from connectors.base import (
     FetchRequest,
     Listing,
     Page,
+    SourceOptions,
     TransientSourceError,
     Watermark,
     now_utc,
     redact,
+    reveal,
 )
 from connectors.git import GitConnector, GitSourceOptions
 from transforms.gitlab import (
@@ -116,31 +119,44 @@ PARTS = ("code", "issues", "merge_requests", "wiki")
 _Event = tuple[str, Any]
 
 
-@dataclass
-class GitLabSourceOptions:
-    """Settings of one GitLab source (see ``flows.settings.GitLabSource``)."""
+#: One part of a project (``PARTS``).
+GitLabPart = Literal["code", "issues", "merge_requests", "wiki"]
 
-    name: str
-    base_url: str = "https://gitlab.com"
-    token: str | None = field(default=None, repr=False)  # never printed
-    projects: list[str] = field(default_factory=list)
-    group: str | None = None
+
+class GitLabSourceOptions(SourceOptions):
+    """Settings of one GitLab source (``flows.settings.GitLabSource`` adds ``type``,
+    ``schedule`` and the projects-or-group check)."""
+
+    base_url: str = Field("https://gitlab.com", description="the GitLab instance")
+    token: SecretStr | None = Field(
+        None, description="personal/project/group access token (read_api + read_repository), "
+                          "e.g. ${GITLAB_TOKEN}")
+    projects: list[Annotated[str, BeforeValidator(str)]] = Field(
+        default_factory=list, description="project paths (group/project) or ids")
+    group: str | None = Field(None, description="every project of this group (path or id)")
     include_subgroups: bool = True
-    parts: list[str] = field(default_factory=lambda: list(PARTS))
-    branch: str | None = None
-    include: list[str] = field(default_factory=lambda: ["**"])
-    exclude: list[str] = field(default_factory=list)
-    max_file_bytes: int = 1_000_000
-    overlap_minutes: float = 10.0
-    include_confidential: bool = False
-    page_size: int = 100
-    max_retries: int = 5
-    timeout_seconds: float = 60.0
-    #: the longest wait python-gitlab may take for a Retry-After / RateLimit-Reset
-    max_retry_after_seconds: float = 60.0
-    #: clone URL template (``{path}``, ``{id}``); default: the project's ``http_url_to_repo``
-    clone_url: str | None = None
-    ssl_verify: bool | str = True
+    parts: list[GitLabPart] = Field(default_factory=lambda: list(PARTS), min_length=1)
+    branch: str | None = Field(None, description="code branch; default each project's default")
+    include: list[str] = Field(default_factory=lambda: ["**"])
+    exclude: list[str] = Field(default_factory=list)
+    max_file_bytes: int = Field(1_000_000, ge=1)
+    overlap_minutes: float = Field(
+        10, ge=0, description="issues/MRs: re-read this much before the cursor")
+    include_confidential: bool = Field(
+        False, description="index confidential issues and internal notes")
+    page_size: int = Field(100, ge=1, le=100, description="items per API page and per sync page")
+    max_retries: int = Field(5, ge=0, description="python-gitlab retries of 429/5xx/timeouts")
+    timeout_seconds: float = Field(60, gt=0)
+    max_retry_after_seconds: float = Field(
+        60.0, gt=0, description="longest Retry-After / RateLimit-Reset wait (cut and counted)")
+    clone_url: str | None = Field(
+        None, description="clone URL template ({path}, {id}); default http_url_to_repo")
+    ssl_verify: bool | str = Field(True, description="false, or a CA bundle path")
+
+    @field_validator("parts")
+    @classmethod
+    def _each_part_once(cls, parts: list[str]) -> list[str]:
+        return list(dict.fromkeys(parts))
 
 
 @dataclass(frozen=True)
@@ -224,7 +240,7 @@ class GitLabConnector:
         """The python-gitlab client (retries 429 and transient errors itself)."""
         if self._gl is None:
             self._gl = gitlab.Gitlab(
-                url=self.options.base_url, private_token=self.options.token,
+                url=self.options.base_url, private_token=reveal(self.options.token),
                 timeout=self.options.timeout_seconds, ssl_verify=self.options.ssl_verify,
                 retry_transient_errors=True, keep_base_url=True,
                 user_agent="kbsync (python-gitlab)")
@@ -249,7 +265,7 @@ class GitLabConnector:
             detail = f"{code} {detail}" if code else detail
         else:
             detail = f"{type(exc).__name__}: {exc}"
-        return redact(f"gitlab source {self.name!r}: {what}: {detail}", [self.options.token])
+        return redact(f"gitlab source {self.name!r}: {what}: {detail}", [reveal(self.options.token)])
 
     @contextmanager
     def _api(self, what: str) -> Iterator[None]:
@@ -312,10 +328,10 @@ class GitLabConnector:
                     max_file_bytes=self.options.max_file_bytes, token=self.options.token,
                     username="oauth2", web_url=f"{project.web_url}/-/blob/{{commit}}/{{path}}",
                     page_size=self.options.page_size,
-                    clone_dir=self._data_dir / "gitlab" / self.name / f"{project.id}.git",
-                    id_prefix=f"{project.path}:code:",
                 ),
                 data_dir=self._data_dir,
+                clone_dir=self._data_dir / "gitlab" / self.name / f"{project.id}.git",
+                id_prefix=f"{project.path}:code:",
             )
             self._git[project.id] = conn
         return conn

@@ -54,12 +54,12 @@ import base64
 import logging
 import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TypeVar
 
 import requests
 from jira import JIRA, JIRAError
+from pydantic import Field, SecretStr
 
 from connectors import http
 from connectors.base import (
@@ -71,9 +71,11 @@ from connectors.base import (
     FetchRequest,
     Listing,
     Page,
+    SourceOptions,
     TransientSourceError,
     Watermark,
     redact,
+    reveal,
 )
 from transforms.jira_markup import issue_markdown, jira_time, person
 
@@ -94,31 +96,31 @@ EPIC_LINK_SCHEMA = "com.pyxis.greenhopper.jira:gh-epic-link"
 _ORDER_BY = re.compile(r"\border\s+by\b", re.I)
 
 
-@dataclass
-class JiraSourceOptions:
-    """Settings of one Jira source (see ``flows.settings.JiraSource``).
+class JiraSourceOptions(SourceOptions):
+    """Settings of one Jira source (``flows.settings.JiraSource`` adds ``type``,
+    ``schedule`` and the one-auth check).
 
     ``email`` + ``api_token`` authenticate on Cloud (HTTP basic); ``token`` is a
     Server/DC personal access token (``Authorization: Bearer``); none means anonymous.
-    Times are seconds unless the name says otherwise.
     """
 
-    name: str
-    base_url: str
-    jql: str = ""
-    email: str | None = None
-    api_token: str | None = field(default=None, repr=False)
-    token: str | None = field(default=None, repr=False)
-    api_version: int = 2
-    overlap_minutes: int = 10
-    page_size: int = 50
-    comment_page_size: int = 100
-    max_retries: int = 3
-    max_retry_delay: float = 120.0
-    backoff_seconds: float = 2.0
-    timeout: float = 30.0
-    #: the longest any wait may be: Retry-After, the session's connection backoff
-    max_retry_after_seconds: float = 60.0
+    base_url: str = Field(pattern=r"^https?://",
+                          description="site root, e.g. https://example.atlassian.net")
+    jql: str = Field("", description="which issues, e.g. project in (PLAT, AUTH)")
+    email: str | None = Field(None, description="Cloud: the account's email")
+    api_token: SecretStr | None = Field(None, description="Cloud API token, ${JIRA_API_TOKEN}")
+    token: SecretStr | None = Field(None, description="Server/DC personal access token")
+    api_version: int = Field(2, ge=2, le=3, description="REST API version; 3 = Cloud, ADF bodies")
+    overlap_minutes: int = Field(10, ge=0, description="re-read this much before the cursor")
+    page_size: int = Field(50, ge=1, le=1000, description="issues per search page")
+    comment_page_size: int = Field(100, ge=1, le=5000)
+    max_retries: int = Field(3, ge=0, description="retries of 429/5xx/connection errors")
+    max_retry_delay_seconds: float = Field(
+        120.0, gt=0, description="longest wait between retries (keep >= 2 x Retry-After)")
+    backoff_seconds: float = Field(2.0, ge=0, description="first 5xx backoff, doubled each try")
+    timeout_seconds: float = Field(30.0, gt=0)
+    max_retry_after_seconds: float = Field(
+        60.0, gt=0, description="longest wait of any retry: Retry-After, connection backoff")
 
 
 def epoch_ms(moment: datetime) -> int:
@@ -176,10 +178,11 @@ class JiraConnector:
 
     @property
     def _secrets(self) -> list[str | None]:
-        secrets: list[str | None] = [self.options.api_token, self.options.token]
-        if self.options.email and self.options.api_token:
+        api_token = reveal(self.options.api_token)
+        secrets: list[str | None] = [api_token, reveal(self.options.token)]
+        if self.options.email and api_token:
             secrets.append(base64.b64encode(
-                f"{self.options.email}:{self.options.api_token}".encode()).decode())
+                f"{self.options.email}:{api_token}".encode()).decode())
         return secrets
 
     def _message(self, text: str) -> str:
@@ -211,7 +214,7 @@ class JiraConnector:
         """Backoff for what ``ResilientSession`` does not retry itself (one layer each)."""
         o = self.options
         policy = http.RetryPolicy(retries=o.max_retries, backoff_seconds=o.backoff_seconds,
-                                  max_backoff_seconds=o.max_retry_delay,
+                                  max_backoff_seconds=o.max_retry_delay_seconds,
                                   max_retry_after_seconds=o.max_retry_after_seconds)
         return http.retrying(policy, self.stats, name=f"jira source {self.name!r}",
                              outcome=_needs_backoff, logger=log)
@@ -577,28 +580,29 @@ def _needs_backoff(exc: BaseException) -> http.Outcome | None:
 def make_client(options: JiraSourceOptions, stats: dict[str, float] | None = None) -> JIRA:
     """A ``jira.JIRA`` client for ``options`` (asks ``/serverInfo`` for the deployment type).
 
-    ``max_retries`` and ``max_retry_delay`` configure the library's ``ResilientSession``
-    (429 waits ``Retry-After``: the session sleeps ``min(max_retry_delay, 2 * Retry-After)``
-    times a jitter in [0.5, 1], so keep ``max_retry_delay`` at least twice the longest
+    ``max_retries`` and ``max_retry_delay_seconds`` configure the library's
+    ``ResilientSession`` (429 waits ``Retry-After``: the session sleeps
+    ``min(max_retry_delay_seconds, 2 * Retry-After)`` times a jitter in [0.5, 1], so keep
+    ``max_retry_delay_seconds`` at least twice the longest
     ``Retry-After`` expected).
     """
     auth: dict[str, Any] = {}
     if options.email and options.api_token:
-        auth["basic_auth"] = (options.email, options.api_token)
+        auth["basic_auth"] = (options.email, reveal(options.api_token))
     elif options.token:
-        auth["token_auth"] = options.token
+        auth["token_auth"] = reveal(options.token)
     client = JIRA(
         server=options.base_url.rstrip("/"),
         options={"rest_api_version": str(options.api_version), "check_update": False},
         max_retries=options.max_retries,
-        timeout=options.timeout,
+        timeout=options.timeout_seconds,
         get_server_info=True,
         **auth,
     )
     # JIRA() exposes max_retries but not the session's delay cap; set it on the session.
     # It caps every wait of the session: Retry-After (it sleeps 2 x Retry-After) and the
     # 10 x 2^n s backoff of connection errors (20/40/80 s otherwise).
-    client._session.max_retry_delay = min(options.max_retry_delay,
+    client._session.max_retry_delay = min(options.max_retry_delay_seconds,
                                           options.max_retry_after_seconds)
     http.cap_waits(client._session, http.RetryPolicy(
         max_retry_after_seconds=options.max_retry_after_seconds / 2), stats or {})

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -34,9 +34,10 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from connectors.base import SourceOptions
 from connectors.confluence import ConfluenceConnector, ConfluenceSourceOptions
 from connectors.git import GitConnector, GitSourceOptions
-from connectors.gitlab import PARTS, GitLabConnector, GitLabSourceOptions
+from connectors.gitlab import GitLabConnector, GitLabSourceOptions
 from connectors.jira import JiraConnector, JiraSourceOptions
 from connectors.llm import (
     DEFAULT_API_KEY,
@@ -54,6 +55,7 @@ from transforms.embedding import DEFAULT_MODEL, EmbedderSpec
 DEFAULT_CONFIG_FILE = "kbsync.yaml"
 SOURCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+Options = TypeVar("Options", bound=SourceOptions)
 
 
 class ConfigError(Exception):
@@ -270,41 +272,31 @@ class ValidationSettings(_Model):
         None, description="for the golden set; default the same as thresholds")
 
 
-class GitSource(_Model):
+def _options(source: SourceOptions, options: type[Options]) -> Options:
+    """The connector's own options out of a source's settings (``type`` and ``schedule``
+    left behind); secrets stay ``SecretStr``."""
+    return options.model_validate({key: getattr(source, key) for key in options.model_fields})
+
+
+class _Source(SourceOptions):
+    """What every source's settings add to its connector's options: a checked name and
+    a schedule (each ``*Source`` names its ``type``)."""
+
+    name: str = Field(pattern=SOURCE_NAME)
+    schedule: str | None = Field(None, description="cron for scheduled syncs")
+
+
+class GitSource(_Source, GitSourceOptions):
     """A git repository: a local path or a clone URL (``type: git``)."""
 
     type: Literal["git"] = "git"
-    name: str = Field(pattern=SOURCE_NAME)
-    url: str = Field(description="local path or clone URL (https://, ssh://, file://)")
-    branch: str | None = None
-    include: list[str] = Field(default_factory=lambda: ["**"])
-    exclude: list[str] = Field(default_factory=list)
-    max_file_bytes: int = Field(1_000_000, ge=1)
-    token: SecretStr | None = Field(None, description="HTTPS token, e.g. ${GITLAB_TOKEN}")
-    username: str = Field("oauth2", description="HTTPS user that goes with the token")
-    web_url: str | None = Field(
-        None, description="document URL template: {path}, {commit}, {branch}")
-    page_size: int = Field(100, ge=1, le=10_000)
-    schedule: str | None = Field(None, description="cron for scheduled syncs")
 
     def build(self, settings: Settings) -> GitConnector:
         """The connector for this source."""
-        return GitConnector(
-            GitSourceOptions(
-                name=self.name, url=self.url, branch=self.branch, include=self.include,
-                exclude=self.exclude, max_file_bytes=self.max_file_bytes,
-                token=self.token.get_secret_value() if self.token else None,
-                username=self.username, web_url=self.web_url, page_size=self.page_size,
-            ),
-            data_dir=settings.data_dir,
-        )
+        return GitConnector(_options(self, GitSourceOptions), data_dir=settings.data_dir)
 
 
-def _secret(value: SecretStr | None) -> str | None:
-    return value.get_secret_value() if value is not None else None
-
-
-class ConfluenceSource(_Model):
+class ConfluenceSource(_Source, ConfluenceSourceOptions):
     """Confluence Cloud or Server/Data Center (``type: confluence``).
 
     Scope: ``spaces`` and/or a ``cql`` filter (both given: both must match). Auth, one of:
@@ -313,56 +305,6 @@ class ConfluenceSource(_Model):
     """
 
     type: Literal["confluence"] = "confluence"
-    name: str = Field(pattern=SOURCE_NAME)
-    base_url: str = Field(pattern=r"^https?://\S+$",
-                          description="https://<site>.atlassian.net/wiki or the Server URL")
-    cloud: bool | None = Field(None, description="default: true for *.atlassian.net")
-    spaces: list[Annotated[str, Field(pattern=r"^~?[A-Za-z0-9_-]+$")]] = Field(
-        default_factory=list, description="space keys")
-    cql: str | None = Field(None, description="extra CQL filter, without ORDER BY")
-    email: str | None = Field(None, description="Cloud: the account's email")
-    api_token: SecretStr | None = Field(None, description="Cloud API token, ${CONFLUENCE_TOKEN}")
-    token: SecretStr | None = Field(None, description="Server/DC personal access token")
-    username: str | None = Field(None, description="Server/DC user (with password)")
-    password: SecretStr | None = None
-    include_blogposts: bool = True
-    overlap_minutes: int = Field(30, ge=0, le=7 * 24 * 60,
-                                 description="re-read this much before the cursor")
-    timezone: str = Field("UTC", description="the account's profile time zone (CQL dates)")
-    page_size: int = Field(50, ge=2, le=1000, description="results per search request")
-    min_page_size: int = Field(5, ge=2, le=1000, description="floor when 5xx shrink pages")
-    list_page_size: int = Field(200, ge=2, le=1000, description="ids per listing request")
-    attachments: bool = Field(False, description="index text-like attachments")
-    attachment_max_bytes: int = Field(10_000_000, ge=1)
-    resolve_mentions: bool = Field(True, description="look up names of mentioned users")
-    max_retries: int = Field(5, ge=0, le=50, description="retries of one request")
-    retry_after_max_seconds: float = Field(
-        60.0, ge=0, description="cap on Retry-After (also read as max_retry_after_seconds)",
-        validation_alias=AliasChoices("retry_after_max_seconds", "max_retry_after_seconds"))
-    backoff_initial_seconds: float = Field(1.0, ge=0)
-    backoff_max_seconds: float = Field(30.0, ge=0)
-    timeout_seconds: float = Field(60.0, gt=0)
-    verify_ssl: bool = True
-    schedule: str | None = Field(None, description="cron for scheduled syncs")
-
-    @field_validator("timezone")
-    @classmethod
-    def _zone(cls, value: str) -> str:
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {value!r} (use an IANA name, e.g. "
-                             "Europe/Berlin)") from None
-        return value
-
-    @field_validator("cql")
-    @classmethod
-    def _no_order(cls, value: str | None) -> str | None:
-        if value is not None and re.search(r"\border\s+by\b", value, re.IGNORECASE):
-            raise ValueError("leave ORDER BY out of cql (kbsync orders by lastmodified)")
-        return value.strip() if value else None
 
     @model_validator(mode="after")
     def _scope_and_auth(self) -> ConfluenceSource:
@@ -379,50 +321,18 @@ class ConfluenceSource(_Model):
         return self
 
     def options(self) -> ConfluenceSourceOptions:
-        """The connector's options, secrets unwrapped."""
-        fields = self.model_dump(exclude={"type", "schedule", "api_token", "token", "password"})
-        return ConfluenceSourceOptions(**fields, api_token=_secret(self.api_token),
-                                       token=_secret(self.token), password=_secret(self.password))
+        """The connector's options (secrets stay ``SecretStr``)."""
+        return _options(self, ConfluenceSourceOptions)
 
     def build(self, settings: Settings) -> ConfluenceConnector:
         """The connector for this source."""
         return ConfluenceConnector(self.options())
 
 
-GitLabPart = Literal["code", "issues", "merge_requests", "wiki"]
-
-
-class GitLabSource(_Model):
+class GitLabSource(_Source, GitLabSourceOptions):
     """GitLab projects: repository files, issues, merge requests, wiki (``type: gitlab``)."""
 
     type: Literal["gitlab"] = "gitlab"
-    name: str = Field(pattern=SOURCE_NAME)
-    base_url: str = Field("https://gitlab.com", description="the GitLab instance")
-    token: SecretStr | None = Field(
-        None, description="personal/project/group access token (read_api + read_repository), "
-                          "e.g. ${GITLAB_TOKEN}")
-    projects: list[str | int] = Field(
-        default_factory=list, description="project paths (group/project) or ids")
-    group: str | None = Field(None, description="every project of this group (path or id)")
-    include_subgroups: bool = True
-    parts: list[GitLabPart] = Field(default_factory=lambda: list(PARTS), min_length=1)
-    branch: str | None = Field(None, description="code branch; default each project's default")
-    include: list[str] = Field(default_factory=lambda: ["**"])
-    exclude: list[str] = Field(default_factory=list)
-    max_file_bytes: int = Field(1_000_000, ge=1)
-    overlap_minutes: float = Field(
-        10, ge=0, description="issues/MRs: re-read this much before the cursor")
-    include_confidential: bool = Field(
-        False, description="index confidential issues and internal notes")
-    page_size: int = Field(100, ge=1, le=100, description="items per API page and per sync page")
-    max_retries: int = Field(5, ge=0, description="python-gitlab retries of 429/5xx/timeouts")
-    timeout_seconds: float = Field(60, gt=0)
-    max_retry_after_seconds: float = Field(
-        60.0, gt=0, description="longest Retry-After / RateLimit-Reset wait (cut and counted)")
-    clone_url: str | None = Field(
-        None, description="clone URL template ({path}, {id}); default http_url_to_repo")
-    ssl_verify: bool | str = Field(True, description="false, or a CA bundle path")
-    schedule: str | None = Field(None, description="cron for scheduled syncs")
 
     @model_validator(mode="after")
     def _needs_projects(self) -> GitLabSource:
@@ -432,25 +342,10 @@ class GitLabSource(_Model):
 
     def build(self, settings: Settings) -> GitLabConnector:
         """The connector for this source."""
-        return GitLabConnector(
-            GitLabSourceOptions(
-                name=self.name, base_url=self.base_url,
-                token=self.token.get_secret_value() if self.token else None,
-                projects=[str(p) for p in self.projects], group=self.group,
-                include_subgroups=self.include_subgroups, parts=list(dict.fromkeys(self.parts)),
-                branch=self.branch, include=self.include, exclude=self.exclude,
-                max_file_bytes=self.max_file_bytes, overlap_minutes=self.overlap_minutes,
-                include_confidential=self.include_confidential, page_size=self.page_size,
-                max_retries=self.max_retries, timeout_seconds=self.timeout_seconds,
-                max_retry_after_seconds=self.max_retry_after_seconds,
-                clone_url=self.clone_url, ssl_verify=self.ssl_verify,
-            ),
-            data_dir=settings.data_dir,
-        )
+        return GitLabConnector(_options(self, GitLabSourceOptions), data_dir=settings.data_dir)
 
 
-
-class JiraSource(_Model):
+class JiraSource(_Source, JiraSourceOptions):
     """Jira Cloud or Server/Data Center issues matching a JQL filter (``type: jira``).
 
     Cloud: ``email`` + ``api_token``; Server/DC: ``token`` (a personal access token);
@@ -458,25 +353,6 @@ class JiraSource(_Model):
     """
 
     type: Literal["jira"] = "jira"
-    name: str = Field(pattern=SOURCE_NAME)
-    base_url: str = Field(pattern=r"^https?://",
-                          description="site root, e.g. https://example.atlassian.net")
-    jql: str = Field("", description="which issues, e.g. project in (PLAT, AUTH)")
-    email: str | None = Field(None, description="Cloud: the account's email")
-    api_token: SecretStr | None = Field(None, description="Cloud API token, ${JIRA_API_TOKEN}")
-    token: SecretStr | None = Field(None, description="Server/DC personal access token")
-    api_version: int = Field(2, ge=2, le=3, description="REST API version; 3 = Cloud, ADF bodies")
-    overlap_minutes: int = Field(10, ge=0, description="re-read this much before the cursor")
-    page_size: int = Field(50, ge=1, le=1000, description="issues per search page")
-    comment_page_size: int = Field(100, ge=1, le=5000)
-    max_retries: int = Field(3, ge=0, description="retries of 429/5xx/connection errors")
-    max_retry_delay_seconds: float = Field(
-        120.0, gt=0, description="longest wait between retries (keep >= 2 x Retry-After)")
-    backoff_seconds: float = Field(2.0, ge=0, description="first 5xx backoff, doubled each try")
-    timeout_seconds: float = Field(30.0, gt=0)
-    max_retry_after_seconds: float = Field(
-        60.0, gt=0, description="longest wait of any retry: Retry-After, connection backoff")
-    schedule: str | None = Field(None, description="cron for scheduled syncs")
 
     @model_validator(mode="after")
     def _one_auth(self) -> JiraSource:
@@ -488,16 +364,7 @@ class JiraSource(_Model):
 
     def build(self, settings: Settings) -> JiraConnector:
         """The connector for this source."""
-        return JiraConnector(JiraSourceOptions(
-            name=self.name, base_url=self.base_url, jql=self.jql, email=self.email,
-            api_token=self.api_token.get_secret_value() if self.api_token else None,
-            token=self.token.get_secret_value() if self.token else None,
-            api_version=self.api_version, overlap_minutes=self.overlap_minutes,
-            page_size=self.page_size, comment_page_size=self.comment_page_size,
-            max_retries=self.max_retries, max_retry_delay=self.max_retry_delay_seconds,
-            backoff_seconds=self.backoff_seconds, timeout=self.timeout_seconds,
-            max_retry_after_seconds=self.max_retry_after_seconds,
-        ))
+        return JiraConnector(_options(self, JiraSourceOptions))
 
 
 #: Every source type; later source types join this union.

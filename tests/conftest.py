@@ -33,6 +33,18 @@ REALDATA = Path(os.environ.get("KBSYNC_REALDATA", Path(__file__).resolve().paren
                                / "realdata"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``realdata`` are skipped, not failed, where the shared real data is
+    absent (a fresh checkout without ``../shared/realdata``, ``KBSYNC_REALDATA`` unset).
+    Where it is present they run, and a file missing from it fails the test."""
+    if REALDATA.is_dir():
+        return
+    skip = pytest.mark.skip(reason=f"no shared real data at {REALDATA} (set KBSYNC_REALDATA)")
+    for item in items:
+        if item.get_closest_marker("realdata"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server():
     """One temporary Prefect server (real API, SQLite) for the whole test session."""

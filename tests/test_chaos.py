@@ -19,9 +19,7 @@ from tests.conftest import REALDATA
 ROOT = Path(__file__).resolve().parents[1]
 TARBALL = REALDATA / "docs_qa" / "aws_documentation_qa" / "aws_docs_14_guides_doc_source.tar.gz"
 
-pytestmark = [pytest.mark.realdata,
-              pytest.mark.skipif(not TARBALL.is_file(),
-                                 reason=f"shared real data not found at {TARBALL}")]
+pytestmark = pytest.mark.realdata
 
 
 def _check(result) -> None:

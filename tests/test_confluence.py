@@ -19,9 +19,9 @@ from connectors.confluence import (
     cql_date,
     retry_after_seconds,
 )
+from fakes.confluence_server import EPOCH, FakeConfluence, iso, tiny_pdf
 from flows.settings import ConfigError, Settings, load_settings
 from flows.state import StateStore
-from tests.confluence_server import EPOCH, FakeConfluence, iso, tiny_pdf
 from tests.conftest import REALDATA
 from tests.test_sync import chunks_by_doc
 from transforms.chunking import ChunkingConfig, chunk_document
@@ -407,7 +407,6 @@ def test_secrets_never_reach_errors_or_logs(fake, caplog):
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not PERCEVAL.is_dir(), reason=f"shared real data not found at {PERCEVAL}")
 def test_real_search_envelopes_and_content_bodies(httpserver):
     """The real REST shapes (perceval's OPNFV fixtures): a search page with ``_links.next``
     whose results carry no body, so each page is fetched by id; the next page holds an
@@ -448,7 +447,6 @@ def test_real_search_envelopes_and_content_bodies(httpserver):
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not PERCEVAL.is_dir(), reason=f"shared real data not found at {PERCEVAL}")
 def test_fake_server_speaks_the_real_shapes(fake):
     """Every key of the real envelopes is in the stand-in's answers too."""
     real_page = json.loads((PERCEVAL / "confluence_content_1_v2.json").read_text())

@@ -9,10 +9,10 @@ from datetime import timedelta
 
 import pytest
 
+from fakes.confluence_server import EPOCH, FakeConfluence
 from flows.settings import Settings
 from flows.state import StateStore
 from flows.sync import NO_TEXT_REASON
-from tests.confluence_server import EPOCH, FakeConfluence
 from tests.conftest import REALDATA
 from tests.test_sync import chunks_by_doc, sync
 
@@ -33,7 +33,6 @@ def fake(httpserver) -> FakeConfluence:
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not APACHE.is_file(), reason=f"shared real data not found at {APACHE}")
 def test_real_confluence_page_of_headings_over_macros_is_skipped(tmp_path, fake):
     """Apache's page 132321764 "Meeting notes" is two headings over blueprint macros: it
     converts to headings only and chunks to nothing."""

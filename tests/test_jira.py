@@ -13,9 +13,9 @@ from pathlib import Path
 import chromadb
 import pytest
 
-from benchmarks.corpus_jira import FakeJira, load_archive
 from connectors.base import ConnectorError, Document, FetchRequest, TransientSourceError
 from connectors.jira import JiraConnector, JiraSourceOptions, epoch_ms, strip_order_by
+from fakes.jira_server import FakeJira, load_archive
 from flows.settings import ConfigError, Settings, load_settings
 from flows.state import StateStore
 from flows.sync import run_sync
@@ -36,7 +36,7 @@ def cloud_issues() -> list[dict]:
 
 def make_connector(fake: FakeJira, **options) -> JiraConnector:
     defaults = {"name": "jira", "base_url": fake.url, "jql": "project = PLAT",
-                "backoff_seconds": 0.01, "max_retry_delay": 0.05, "max_retries": 2}
+                "backoff_seconds": 0.01, "max_retry_delay_seconds": 0.05, "max_retries": 2}
     return JiraConnector(JiraSourceOptions(**{**defaults, **options}))
 
 
@@ -226,7 +226,7 @@ def test_expired_cloud_page_token_restarts_the_read_from_the_watermark(httpserve
 def test_429_waits_for_retry_after(httpserver):
     fake = FakeJira(httpserver, server_issues())
     fake.fail("search", 429, headers={"Retry-After": "1"})
-    connector = make_connector(fake, max_retry_delay=10)
+    connector = make_connector(fake, max_retry_delay_seconds=10)
     connector.client  # noqa: B018 - connect before timing
     start = time.monotonic()
     docs = documents(drain(connector))
@@ -256,7 +256,7 @@ def test_503_with_retry_after_is_retried_once_not_twice(httpserver):
     fake = FakeJira(httpserver, server_issues())
     fake.fail("search", 503, times=10, headers={"Retry-After": "1"})
     with pytest.raises(TransientSourceError, match="HTTP 503"):
-        drain(make_connector(fake, max_retries=1, max_retry_delay=0.05))
+        drain(make_connector(fake, max_retries=1, max_retry_delay_seconds=0.05))
     assert len(fake.kinds("search")) == 2
 
 
@@ -381,7 +381,8 @@ def test_settings_from_yaml_with_secrets_from_the_environment(tmp_path, monkeypa
     source = settings.source("tickets")
     assert TOKEN not in repr(settings) and TOKEN not in str(source)
     connector = source.build(settings)
-    assert connector.options.token == TOKEN and connector.options.overlap_minutes == 5
+    assert connector.options.token.get_secret_value() == TOKEN
+    assert connector.options.overlap_minutes == 5
     assert TOKEN not in repr(connector.options)
     assert connector.base_url == "https://jira.example.com"
 

@@ -141,7 +141,6 @@ def _visible_text(soup: BeautifulSoup) -> str:
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not CWIKI.is_dir(), reason=f"shared real data not found at {CWIKI}")
 def test_all_450_apache_pages_convert():
     """No exception, no empty output for a page with text, every code block's first line
     and every heading (outside tables and lists) kept, no storage markup left."""

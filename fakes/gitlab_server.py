@@ -129,7 +129,7 @@ class GitLabFake:
         return project
 
     def load_fixtures(self, clone_url: str | None = None) -> dict[str, Any]:
-        """Serve the project in ``tests/fixtures/gitlab/`` with its issues, merge
+        """Serve the project in ``fakes/fixtures/gitlab/`` with its issues, merge
         requests, discussions and wiki; returns the project."""
         project = self.add_project(json.loads((FIXTURES / "project.json").read_text()), clone_url)
         pid = project["id"]
