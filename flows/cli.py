@@ -5,6 +5,7 @@ Commands:
     kbsync backfill SOURCE --since DATE [--until DATE] [--deployment]
     kbsync status
     kbsync query TEXT [-k N] [--source S]
+    kbsync ask TEXT [-k N] [--source S] [--json] [--standin]
     kbsync deployments [--output PATH]      prefect.yaml for `prefect deploy`
     kbsync serve [DEPLOYMENT...]            serve the deployments with their schedules
     kbsync validate [--sample N] [--seed S] [--standin] | kbsync validate --history
@@ -15,7 +16,8 @@ Global options (before the command): ``--config PATH`` (else ``$KBSYNC_CONFIG``,
 
 Exit codes: 0 success; 1 the run failed or some documents failed (for ``validate``: a
 threshold was missed); 2 bad usage or configuration; 3 ``validate`` could not check
-answer quality (no LLM answered) or had nothing to measure. Every failure ends with a
+answer quality (no LLM answered) or had nothing to measure, or ``ask`` found no LLM to
+answer (the sources are printed). Every failure ends with a
 one-line reason on stderr.
 """
 
@@ -396,6 +398,103 @@ def query(
         console.print(f"   {snippet}", highlight=False, markup=False)
 
 
+def _start_standin_if_needed(settings: Settings) -> tuple[Any, dict[str, Any]]:
+    """``(server, settings overrides)``: the packaged stand-in started when no configured
+    LLM endpoint answers, else ``(None, {})``."""
+    from connectors.llm import LLMClient, LLMUnavailable, StandinServer
+
+    probe = LLMClient(settings.llm.config())
+    try:
+        endpoint = probe.probe()
+        err_console.print(f"using the configured LLM: {endpoint.label}", highlight=False)
+        return None, {}
+    except LLMUnavailable as exc:
+        err_console.print(f"{exc}\nstarting the packaged stand-in model (SmolLM2-135M; "
+                          "small and often wrong: it checks the pipeline, not the facts)",
+                          highlight=False, markup=False)
+        server = StandinServer(log_path=settings.data_dir / "llm-standin.log")
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        return server, _standin_overrides(server.start())
+    finally:
+        probe.close()
+
+
+def _print_sources(answer: Any) -> None:
+    console.print("\n[bold]sources[/]", highlight=False)
+    for i, hit in enumerate(answer.hits, 1):
+        notes = [str(hit.metadata.get("source", "?"))]
+        if i in answer.cited:
+            notes.append("cited")
+        elif answer.text is not None and i > answer.used:
+            notes.append("did not fit the context window")
+        console.print(f"[bold cyan][{i}][/] [bold]{hit.title}[/]  [dim]({'; '.join(notes)})[/]",
+                      highlight=False)
+        console.print(f"    {hit.url}", style="blue", highlight=False, overflow="fold")
+
+
+@app.command()
+@handle_errors
+def ask(
+    text: Annotated[str, typer.Argument(help="the question (Russian or English)")],
+    k: Annotated[int, typer.Option("-k", "--top-k", min=1, max=50,
+                                   help="chunks to retrieve and give the model")] = 5,
+    source: Annotated[str | None, typer.Option("--source", help="only this source")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object (no "
+                                                         "streaming)")] = False,
+    standin: Annotated[bool, typer.Option(
+        "--standin", help="when no configured LLM endpoint answers, start the packaged "
+                          "SmolLM2-135M stand-in for this question")] = False,
+) -> None:
+    """Answer a question from the index with the LLM, citing its sources [1], [2]
+    (exit 3 when no LLM answers: the sources are still printed)."""
+    import json
+    import sys
+
+    from flows.ask import START_AN_LLM
+    from flows.ask import ask as ask_index
+
+    settings = _settings()
+    server = None
+    if standin:
+        server, extra = _start_standin_if_needed(settings)
+        if extra:
+            settings = _settings(**extra)
+    streamed: list[str] = []
+
+    def show(piece: str) -> None:
+        if not streamed:
+            console.print(f"[bold]{text}[/]\n", highlight=False)
+        streamed.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    try:
+        answer = ask_index(settings, text, k=k, source=source,
+                           on_text=None if as_json else show)
+    finally:
+        if server is not None:
+            server.stop()
+    if as_json:
+        typer.echo(json.dumps(answer.to_dict(), ensure_ascii=False, indent=2))
+    if not answer.hits:
+        raise _fail("the index is empty or nothing matched: run `kbsync sync` first")
+    if not as_json:
+        if streamed:
+            sys.stdout.write("\n")
+        elif answer.text is not None:
+            console.print(f"[bold]{text}[/]\n", highlight=False)
+            console.print(answer.text or "(the model gave no answer)", highlight=False,
+                          markup=False)
+        else:
+            console.print(f"[bold]{text}[/]", highlight=False)
+        _print_sources(answer)
+        if answer.model:
+            console.print(f"[dim]answered by {answer.model} in {answer.seconds['llm']:.1f} s"
+                          "[/]", highlight=False)
+    if answer.text is None:
+        raise _fail(f"no answer: {answer.llm_error}; {START_AN_LLM}", 3)
+
+
 @app.command()
 @handle_errors
 def reindex(
@@ -528,25 +627,12 @@ def validate_cmd(
     if history:
         _print_history(settings)
         return
-    from connectors.llm import LLMClient, LLMUnavailable, StandinServer
     from flows.validate import report_of, validate
 
     extra: dict[str, Any] = {}
     server = None
     if standin:
-        probe = LLMClient(settings.llm.config())
-        try:
-            endpoint = probe.probe()
-            err_console.print(f"using the configured LLM: {endpoint.label}", highlight=False)
-        except LLMUnavailable as exc:
-            err_console.print(f"{exc}\nstarting the packaged stand-in model (SmolLM2-135M; "
-                              "small and often wrong: it checks the pipeline, not the facts)",
-                              highlight=False, markup=False)
-            server = StandinServer(log_path=settings.data_dir / "llm-standin.log")
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
-            extra = _standin_overrides(server.start())
-        finally:
-            probe.close()
+        server, extra = _start_standin_if_needed(settings)
     try:
         with _progress() as progress:
             progress.add_task("validating (LLM calls take a while)", total=None)

@@ -63,8 +63,10 @@ from connectors.llm import (
     LLMUnavailable,
     message_tokens,
 )
+from flows.ask import answer_prompt
 from flows.retrieve import RetrievedChunk, open_store, retrieve
 from flows.settings import ConfigError, Settings, load_settings
+from transforms.answering import Passage, format_contexts, question_language
 from transforms.evaluation import (
     ChunkRef,
     aggregate,
@@ -174,11 +176,6 @@ QUESTION_USER = (
     "on its own, without the passage: name the product, component or topic it is about. "
     "Do not mention 'the passage' or 'the text'. "
     'Reply as a JSON object with the key "question".')
-ANSWER_SYSTEM = (
-    "You answer questions using only the numbered context passages given. Cite the "
-    "passages you use as [1], [2], ... If the passages do not contain the answer, say that "
-    "you cannot find it in the context. Answer in at most three sentences.")
-ANSWER_USER = "Context passages:\n\n{contexts}\n\nQuestion: {question}\nAnswer:"
 FAITHFULNESS_SYSTEM = "You check whether statements are supported by a context. Be strict."
 FAITHFULNESS_USER = (
     "Context:\n{contexts}\n\nAnswer to check:\n{answer}\n\n"
@@ -228,10 +225,6 @@ def _timed(run: Run, stage: str, start: float) -> None:
     run.seconds[stage] = round(run.seconds[stage] + time.perf_counter() - start, 4)
 
 
-def _format_contexts(hits: list[RetrievedChunk]) -> list[str]:
-    return [f"[{i}] ({h.title}) {chunk_body(h.text).strip()}" for i, h in enumerate(hits, 1)]
-
-
 def _fit(run: Run, template_messages: list[dict[str, str]], contexts: list[str]) -> int:
     """How many contexts fit beside the fixed part of the prompt."""
     from connectors.llm import fit_contexts
@@ -262,18 +255,14 @@ def _answer_and_judge(run: Run, row: dict[str, Any], question: str,
     LLMUnavailable)."""
     row["judged"] = True
     row["has_reference"] = reference is not None
-    contexts = _format_contexts(hits)
-    template = [{"role": "system", "content": ANSWER_SYSTEM},
-                {"role": "user", "content": ANSWER_USER.format(contexts="", question=question)}]
-    try:
-        kept = _fit(run, template, contexts)
+    try:  # the same prompt as `kbsync ask`
+        messages, kept = answer_prompt(run.llm, question, hits,
+                                       language=question_language(question))
     except LLMError as exc:
         row["judge_failed"], row["error"] = True, str(exc)
         return
-    contexts = contexts[:kept]
+    contexts = format_contexts([Passage(h.title, h.text) for h in hits[:kept]])
     row["contexts_used"], row["contexts_dropped"] = kept, len(hits) - kept
-    messages = [template[0], {"role": "user", "content": ANSWER_USER.format(
-        contexts="\n\n".join(contexts) or "(none)", question=question)}]
     start = time.perf_counter()
     try:
         answer = run.llm.chat(messages, purpose="answer", preset="factual", seed=run.seed)
