@@ -606,7 +606,8 @@ def _standin_overrides(endpoint: Any) -> dict[str, Any]:
     from connectors.llm import PACKAGED_MODEL_CONTEXT
 
     return {"llm": {"base_url": endpoint.base_url, "model": endpoint.model, "fallbacks": [],
-                    "max_context_tokens": PACKAGED_MODEL_CONTEXT, "max_reply_tokens": 256}}
+                    "max_context_tokens": PACKAGED_MODEL_CONTEXT, "max_reply_tokens": 256,
+                    "standin": True}}
 
 
 @app.command("validate")
@@ -621,9 +622,15 @@ def validate_cmd(
     standin: Annotated[bool, typer.Option(
         "--standin", help="when no configured LLM endpoint answers, start the packaged "
                           "SmolLM2-135M stand-in (llama-cpp-python) for this run")] = False,
+    golden: Annotated[Path | None, typer.Option(
+        "--golden", help="a golden set (YAML) to use instead of validation.golden_set")] = None,
 ) -> None:
     """Spot-check retrieval and answer quality with the LLM (exit 1 failed, 3 unchecked)."""
     settings = _settings()
+    if golden is not None:
+        if not golden.is_file():
+            raise _fail(f"--golden {golden}: no such file", 2)
+        golden = golden.resolve()
     if history:
         _print_history(settings)
         return
@@ -633,6 +640,8 @@ def validate_cmd(
     server = None
     if standin:
         server, extra = _start_standin_if_needed(settings)
+    if golden is not None:
+        extra["validation"] = {"golden_set": str(golden)}
     try:
         with _progress() as progress:
             progress.add_task("validating (LLM calls take a while)", total=None)
@@ -683,7 +692,8 @@ def llm_serve(
         f"serving {path.name} as {name!r} on http://{host}:{port}/v1 — point kbsync at it:\n"
         f"  export KBSYNC_LLM__BASE_URL=http://{host}:{port}/v1 KBSYNC_LLM__MODEL={name} "
         f"KBSYNC_LLM__MAX_CONTEXT_TOKENS={n_ctx} KBSYNC_LLM__MAX_REPLY_TOKENS="
-        f"{min(256, n_ctx // 4)}", highlight=False, markup=False, soft_wrap=True)
+        f"{min(256, n_ctx // 4)}" + (" KBSYNC_LLM__STANDIN=true" if model is None else ""),
+        highlight=False, markup=False, soft_wrap=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(cmd[0], cmd)  # the server replaces this process: Ctrl-C and signals reach it
