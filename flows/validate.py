@@ -788,7 +788,22 @@ def final_state(report: dict[str, Any]) -> State:
     return Completed(message=report["reason"], data=report)
 
 
-@flow(name="validate", log_prints=True)
+def _validate_run_name() -> str:
+    """``validate-<n>``: n is the number of chunks sampled."""
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    n = p.get("sample_size")
+    if n is None:
+        try:
+            n = load_settings(p.get("config_path"), **(p.get("overrides") or {})
+                              ).validation.sample_size
+        except ConfigError:
+            n = "default"
+    return f"validate-{n}"
+
+
+@flow(name="validate", log_prints=True, flow_run_name=_validate_run_name)
 def validate(sample_size: int | None = None, seed: int | None = None,
              config_path: str | None = None,
              overrides: dict[str, Any] | None = None) -> State:
