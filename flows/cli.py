@@ -10,6 +10,7 @@ Commands:
     kbsync serve [DEPLOYMENT...]            serve the deployments with their schedules
     kbsync validate [--sample N] [--seed S] [--standin] | kbsync validate --history
     kbsync llm serve [--port P]
+    kbsync server start [--port P] | kbsync server stop
 
 Global options (before the command): ``--config PATH`` (else ``$KBSYNC_CONFIG``, else
 ``./kbsync.yaml``) and ``--data-dir PATH``.
@@ -35,11 +36,10 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 import flows  # noqa: F401 - sets telemetry-off defaults before prefect is imported
-from connectors.base import ConnectorError
-from connectors.chroma import EmbeddingModelMismatch, StoreError
-from connectors.llm import LLMError
 from flows.settings import ConfigError, Settings, load_settings
-from transforms.embedding import EmbeddingModelError
+
+# Start-up time: a command imports what it needs inside its body (Prefect for flows,
+# chromadb for the index, torch only where a text is encoded), not at module level.
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Keep a team's knowledge indexed in Chroma for a local LLM.")
@@ -77,6 +77,16 @@ def _one_line(exc: BaseException) -> str:
     return text if "\n" not in text or isinstance(exc, ConfigError) else text.splitlines()[0]
 
 
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message is the whole story (no type name needed)."""
+    from connectors.base import ConnectorError
+    from connectors.chroma import EmbeddingModelMismatch, StoreError
+    from connectors.llm import LLMError
+    from transforms.embedding import EmbeddingModelError
+
+    return (ConnectorError, EmbeddingModelMismatch, StoreError, EmbeddingModelError, LLMError)
+
+
 def handle_errors(fn):
     """Turn known failures into a one-line reason and an exit code."""
 
@@ -88,12 +98,11 @@ def handle_errors(fn):
             raise
         except ConfigError as exc:
             raise _fail(str(exc), 2) from None
-        except (ConnectorError, EmbeddingModelMismatch, StoreError, EmbeddingModelError,
-                LLMError) as exc:
-            raise _fail(_one_line(exc)) from None
         except KeyboardInterrupt:
             raise _fail("interrupted", 130) from None
         except Exception as exc:  # noqa: BLE001 - last resort: still one line, non-zero
+            if isinstance(exc, _known_errors()):
+                raise _fail(_one_line(exc)) from None
             raise _fail(f"{type(exc).__name__}: {_one_line(exc)}") from None
 
     return wrapper
@@ -109,6 +118,33 @@ def main_options(
     """kbsync: incremental sync of git, Confluence, Jira and GitLab into Chroma."""
     OPTIONS.config = config
     OPTIONS.data_dir = data_dir
+    _use_local_prefect_server()
+
+
+def _data_dir() -> Path | None:
+    if OPTIONS.data_dir is not None:
+        return OPTIONS.data_dir
+    try:
+        return _settings().data_dir
+    except Exception:  # noqa: BLE001 - the command itself reports bad settings
+        return None
+
+
+def _use_local_prefect_server() -> None:
+    """Point Prefect at the server `kbsync server start` keeps under the data dir when
+    it answers and PREFECT_API_URL is not set (before Prefect is imported)."""
+    import os
+
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    data_dir = _data_dir()
+    if data_dir is None:
+        return
+    from flows.server import running
+
+    record = running(data_dir)
+    if record is not None:
+        os.environ["PREFECT_API_URL"] = record["api_url"]
 
 
 def _progress() -> Progress:
@@ -656,6 +692,42 @@ def validate_cmd(
     code = STATUS_EXIT[report["status"]]
     if code:
         raise _fail(f"validation {report['status']}: {report['reason']}", code)
+
+
+server_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                         help="A local Prefect server under the data dir (persistent UI, "
+                              "no temporary server per command).")
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("start")
+@handle_errors
+def server_start(
+    port: Annotated[int | None, typer.Option("--port", min=1, max=65535,
+                                             help="default: a free port")] = None,
+) -> None:
+    """Start a real Prefect server kept under <data_dir>/prefect; later kbsync commands
+    run their flows against it (unless PREFECT_API_URL is set)."""
+    from flows import server
+
+    data_dir = _settings().data_dir
+    record = server.start(data_dir, port=port)
+    console.print(f"Prefect server running (pid {record['pid']}): UI {record['ui_url']}\n"
+                  f"kbsync commands with --data-dir {data_dir} use it; other Prefect "
+                  f"clients: export PREFECT_API_URL={record['api_url']}\n"
+                  f"log: {record['log']}; stop it with `kbsync server stop`",
+                  highlight=False, soft_wrap=True)
+
+
+@server_app.command("stop")
+@handle_errors
+def server_stop() -> None:
+    """Stop the Prefect server started by `kbsync server start`."""
+    from flows import server
+
+    if not server.stop(_settings().data_dir):
+        raise _fail("no Prefect server was started under this data dir")
+    console.print("Prefect server stopped")
 
 
 llm_app = typer.Typer(add_completion=False, no_args_is_help=True,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -33,10 +33,12 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from connectors.confluence import ConfluenceConnector, ConfluenceSourceOptions
-from connectors.git import GitConnector, GitSourceOptions
-from connectors.gitlab import PARTS, GitLabConnector, GitLabSourceOptions
-from connectors.jira import JiraConnector, JiraSourceOptions
+if TYPE_CHECKING:  # imported where a connector is built: a CLI command that only reads
+    # the index does not pay for atlassian, bs4, GitPython, python-gitlab and jira
+    from connectors.confluence import ConfluenceConnector, ConfluenceSourceOptions
+    from connectors.git import GitConnector
+    from connectors.gitlab import GitLabConnector
+    from connectors.jira import JiraConnector
 from connectors.llm import (
     DEFAULT_API_KEY,
     DEFAULT_BASE_URL,
@@ -285,6 +287,8 @@ class GitSource(_Model):
 
     def build(self, settings: Settings) -> GitConnector:
         """The connector for this source."""
+        from connectors.git import GitConnector, GitSourceOptions
+
         return GitConnector(
             GitSourceOptions(
                 name=self.name, url=self.url, branch=self.branch, include=self.include,
@@ -374,12 +378,16 @@ class ConfluenceSource(_Model):
 
     def options(self) -> ConfluenceSourceOptions:
         """The connector's options, secrets unwrapped."""
+        from connectors.confluence import ConfluenceSourceOptions
+
         fields = self.model_dump(exclude={"type", "schedule", "api_token", "token", "password"})
         return ConfluenceSourceOptions(**fields, api_token=_secret(self.api_token),
                                        token=_secret(self.token), password=_secret(self.password))
 
     def build(self, settings: Settings) -> ConfluenceConnector:
         """The connector for this source."""
+        from connectors.confluence import ConfluenceConnector
+
         return ConfluenceConnector(self.options())
 
 
@@ -399,7 +407,7 @@ class GitLabSource(_Model):
         default_factory=list, description="project paths (group/project) or ids")
     group: str | None = Field(None, description="every project of this group (path or id)")
     include_subgroups: bool = True
-    parts: list[GitLabPart] = Field(default_factory=lambda: list(PARTS), min_length=1)
+    parts: list[GitLabPart] = Field(default_factory=lambda: list(get_args(GitLabPart)), min_length=1)
     branch: str | None = Field(None, description="code branch; default each project's default")
     include: list[str] = Field(default_factory=lambda: ["**"])
     exclude: list[str] = Field(default_factory=list)
@@ -424,6 +432,8 @@ class GitLabSource(_Model):
 
     def build(self, settings: Settings) -> GitLabConnector:
         """The connector for this source."""
+        from connectors.gitlab import GitLabConnector, GitLabSourceOptions
+
         return GitLabConnector(
             GitLabSourceOptions(
                 name=self.name, base_url=self.base_url,
@@ -477,6 +487,8 @@ class JiraSource(_Model):
 
     def build(self, settings: Settings) -> JiraConnector:
         """The connector for this source."""
+        from connectors.jira import JiraConnector, JiraSourceOptions
+
         return JiraConnector(JiraSourceOptions(
             name=self.name, base_url=self.base_url, jql=self.jql, email=self.email,
             api_token=self.api_token.get_secret_value() if self.api_token else None,
