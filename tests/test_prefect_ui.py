@@ -104,3 +104,44 @@ def test_validate_run_is_named_after_its_sample(make_settings, tmp_path):
     assert run_record(state)[0].name == "validate-4"
     state = validate(config_path=config_for(settings, tmp_path), return_state=True)
     assert run_record(state)[0].name == f"validate-{settings.validation.sample_size}"
+
+
+@pytest.mark.slow
+def test_kbsync_server_start_keeps_a_server_that_cli_runs_use(make_repo, tmp_path):
+    """`kbsync server start` runs a real Prefect server under the data dir; a later CLI
+    sync (a fresh process, no PREFECT_API_URL) runs against it; `stop` ends it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import httpx
+
+    from flows import server
+
+    repo = make_repo({"notes.md": "# Notes\n\nThe release checklist lives in the wiki.\n"})
+    data = tmp_path / "data"
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root}
+    env.pop("PREFECT_API_URL", None)
+
+    def kbsync(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flows.cli", "--data-dir", str(data),
+                               *args], env=env, capture_output=True, text=True, timeout=600)
+
+    started = kbsync("server", "start")
+    assert started.returncode == 0, started.stderr
+    try:
+        record = server.running(data)
+        assert record is not None and record["api_url"] in started.stdout
+        assert Path(record["home"]).parent == data.resolve()
+        synced = kbsync("sync", "--repo", str(repo.path), "--name", "notes")
+        assert synced.returncode == 0, synced.stderr
+        assert "Starting temporary server" not in synced.stderr
+        runs = httpx.post(f"{record['api_url']}/flow_runs/filter", json={}).json()
+        assert [r["name"] for r in runs] == ["sync-notes-incremental"]
+        assert runs[0]["state_type"] == "COMPLETED"
+    finally:
+        stopped = kbsync("server", "stop")
+    assert stopped.returncode == 0 and server.running(data) is None
+    assert kbsync("server", "stop").returncode == 1  # nothing left to stop
