@@ -25,6 +25,9 @@ What this module adds to the bare client:
   instructions read by a tolerant parser (code fences, leading prose). The JSON schema
   is also written into the prompt in every mode. A reply that is still not valid
   JSON of the requested shape is asked for once more, then :class:`InvalidJSONReply`.
+* **Streaming**: :meth:`LLMClient.chat_stream` passes the answer on piece by piece as the
+  server sends it (``stream: true``), reasoning filtered out while it streams
+  (:class:`transforms.answering.ThinkFilter`).
 * **Context budget**: :func:`fit_contexts` keeps the best-ranked contexts that fit
   ``max_context_tokens - max_reply_tokens``; the question is never cut.
 * **Per-call metrics** (:class:`CallMetrics`: latency, prompt and completion tokens,
