@@ -24,7 +24,7 @@ import hashlib
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol, runtime_checkable
 
 #: Metadata values Chroma accepts: flat scalars only (no lists, dicts or None).
@@ -49,6 +49,16 @@ class ConnectorError(Exception):
 
 class TransientSourceError(ConnectorError):
     """A source-wide failure worth retrying (timeout, 5xx after the client's own retries)."""
+
+
+class EntityError(ConnectorError):
+    """One entity of a source (a GitLab project or one of its parts, a space, a Jira
+    project) cannot be read (403, 404, a missing branch) while the others can.
+
+    Connectors that read several entities catch it, report the entity as a failed
+    :class:`DocumentIssue` with ``scope="entity"``, keep that entity's cursor where it
+    was and go on with the others.
+    """
 
 
 def utc(dt: datetime) -> datetime:
@@ -131,6 +141,10 @@ class Document:
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+#: How the title of an entity failure starts (``"entity: platform/deploy-tools:issues"``).
+ENTITY_TITLE = "entity: "
+
+
 @dataclass(frozen=True)
 class DocumentIssue:
     """A document that was not indexed, and why.
@@ -139,12 +153,18 @@ class DocumentIssue:
     undecodable text): it is recorded and does not hold the cursor back.
     ``kind="failed"`` is an error that a later run should retry (a 5xx, a malformed
     response): the cursor never moves past it.
+    ``scope="entity"``: not one document but a whole entity (a project, a space) that
+    could not be read; ``doc_id`` is ``"<source>:<entity>"`` and ``title`` starts with
+    :data:`ENTITY_TITLE` (so a stored record is known as one). The connector's cursor
+    keeps that entity where it was, so the rest of the cursor may move
+    (see :func:`cursor_may_advance`).
     """
 
     doc_id: str
     reason: str
     kind: Literal["skipped", "failed"] = "failed"
     title: str = ""
+    scope: Literal["document", "entity"] = "document"
 
 
 @dataclass
@@ -247,3 +267,241 @@ def redact(text: str, secrets: list[str | None] | tuple[str | None, ...] = ()) -
         if secret:
             text = text.replace(secret, "***")
     return re.sub(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@", r"\g<scheme>***@", text)
+
+
+# ------------------------------------------------------------------ the watermark
+
+#: Version of the JSON a :class:`Watermark` writes (cursors without it are older shapes).
+WATERMARK_VERSION = 1
+#: Most boundary keys a watermark remembers (the newest win; beyond it items are re-read).
+MAX_SEEN = 5000
+
+
+def parse_instant(value: Any) -> datetime | None:
+    """An ISO 8601 string (``Z``, ``+00:00`` or ``+0000``), epoch milliseconds or a
+    datetime -> aware UTC datetime; ``None`` for ``None``/empty/unreadable values."""
+    if isinstance(value, datetime):
+        return utc(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value / 1000, UTC)
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return utc(datetime.fromisoformat(value.replace("Z", "+00:00")))
+    except ValueError:
+        return None
+
+
+@dataclass
+class Watermark:
+    """The incremental cursor of a time-ordered source, one type for every connector.
+
+    dlt's ``incremental`` with Onyx's typed checkpoint: the highest value read (an
+    ``updated``/``lastmodified`` instant), read again with a *lag* (overlap) on the next
+    run because source queries are imprecise at the edge (minute-precision CQL dates,
+    clocks, commit delays); the keys read inside that window with their *version*, so the
+    next run skips what it already read (boundary de-duplication); and a *hold-back*: the
+    instant the cursor must not pass because something before it was not read (a failed
+    item, a result set that shifted while it was paged, an entity that could not be read).
+
+    A connector reads ``since`` for its query, asks :meth:`is_known` before reading an
+    item, calls :meth:`advance` after reading one (or skipping it for good),
+    :meth:`hold_at` when something at an instant was not read (or :meth:`hold_all` when
+    the whole read must be done again), writes :meth:`to_json` into checkpoints and
+    :meth:`result` ``.to_json()`` as the cursor. The cursor moves only as far as
+    :meth:`result` says; with :func:`cursor_may_advance` (what the flow asks before it
+    stores a cursor) that is the one place that decides it.
+
+    Attributes:
+        value: the highest instant read through (aware UTC), ``None`` before any read.
+        lag: how far before ``value`` the next read starts.
+        seen: ``key -> (version, instant)`` of the items read inside the lag window.
+        hold: the instant the cursor must not pass (``held`` says whether one is set;
+            ``hold=None`` with ``held`` means "not past where this read started").
+        key: the JSON field name of ``value`` (``"when"``, ``"updated"``), so cursors
+            keep the names their source uses.
+        timespec: ``datetime.isoformat`` precision used when writing instants.
+    """
+
+    value: datetime | None = None
+    lag: timedelta = timedelta(0)
+    seen: dict[str, tuple[Any, datetime]] = field(default_factory=dict)
+    hold: datetime | None = None
+    held: bool = False
+    key: str = "value"
+    timespec: str = "auto"
+    origin: datetime | None = None
+    known: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # ---------------------------------------------------------------- reading
+
+    @classmethod
+    def read(cls, data: Any, *, key: str = "value", lag: timedelta = timedelta(0),
+             timespec: str = "auto") -> Watermark:
+        """The watermark stored in a cursor: this class's JSON (with ``version``), or an
+        older shape — ``{key: instant, "seen": {id: [version, instant]}}`` (Confluence),
+        ``{key: instant, "seen": {id: epoch_ms}}`` (Jira, the version is the instant),
+        a bare instant string (GitLab issues/merge requests) — or ``None`` (no cursor).
+
+        Raises:
+            ValueError: a cursor of a newer, unknown watermark version.
+        """
+        wm = cls(lag=lag, key=key, timespec=timespec)
+        if data is None:
+            return wm
+        if isinstance(data, str | int | float | datetime):
+            wm.value = wm.origin = parse_instant(data)
+        elif isinstance(data, Mapping):
+            version = data.get("version", 0)
+            if not isinstance(version, int) or version > WATERMARK_VERSION:
+                raise ValueError(f"unknown cursor version {version!r} (this kbsync "
+                                 f"writes version {WATERMARK_VERSION})")
+            wm.value = parse_instant(data.get(key, data.get("value")))
+            for item, entry in (data.get("seen") or {}).items():
+                if isinstance(entry, list | tuple) and len(entry) == 2:
+                    at = parse_instant(entry[1])
+                    version_of = entry[0]
+                else:  # Jira's {KEY: updated epoch ms}: the instant is the version
+                    at, version_of = parse_instant(entry), entry
+                if at is not None:
+                    wm.seen[str(item)] = (version_of, at)
+            if data.get("held"):
+                wm.held, wm.hold = True, parse_instant(data.get("hold"))
+            if "origin" in data:
+                wm.origin = parse_instant(data.get("origin"))
+            else:
+                wm.origin = wm.value
+        else:
+            raise ValueError(f"not a watermark: {type(data).__name__}")
+        wm.known = {k: v for k, (v, _) in wm.seen.items()}
+        return wm
+
+    def restore(self, state: Any) -> Watermark:
+        """Continue a read from a checkpoint's :meth:`to_json` (keeps what :meth:`is_known`
+        compares with: the keys of the cursor the read started from)."""
+        resumed = Watermark.read(state, key=self.key, lag=self.lag, timespec=self.timespec)
+        resumed.known = self.known
+        return resumed
+
+    # ------------------------------------------------------------- querying
+
+    @property
+    def since(self) -> datetime | None:
+        """Where the next read starts: ``value - lag`` (``None``: from the beginning)."""
+        return None if self.value is None else self.value - self.lag
+
+    def is_known(self, item: str, version: Any) -> bool:
+        """Whether ``item`` was already read at ``version``, by the run that wrote the
+        cursor this read started from or earlier in this read (then :meth:`advance` it
+        and do not read it again)."""
+        if version is None:
+            return False
+        return self.known.get(str(item), _NOTHING) == version or \
+            self.seen.get(str(item), (_NOTHING,))[0] == version
+
+    # ------------------------------------------------------------- recording
+
+    def advance(self, item: str, version: Any, at: datetime | None) -> None:
+        """``item`` at ``version`` (last changed at ``at``) is read, or skipped for good."""
+        if at is None or version is None:
+            return
+        at = utc(at)
+        if self.value is None or at > self.value:
+            self.value = at
+        self.seen[str(item)] = (version, at)
+
+    def hold_at(self, at: datetime | None) -> None:
+        """The cursor must not pass ``at`` (``None``: not past where this read started).
+
+        For a failed item pass its own instant (it is read again) or the instant read
+        before it; for a result set that shifted, the page boundary it shifted across.
+        Holds only ever lower: the lowest one wins.
+        """
+        at = self.origin if at is None else utc(at)
+        if not self.held:
+            self.hold, self.held = at, True
+        elif self.hold is not None and (at is None or at < self.hold):
+            self.hold = at
+
+    def hold_all(self) -> None:
+        """Nothing after where this read started counts: the cursor stays there."""
+        self.hold_at(None)
+
+    # --------------------------------------------------------------- writing
+
+    @property
+    def bound(self) -> datetime | None:
+        """The value the cursor may take: ``value``, lowered to ``hold`` when held."""
+        if not self.held:
+            return self.value
+        if self.hold is None or self.value is None:  # held at the very start / nothing read
+            return self.hold
+        return min(self.value, self.hold)
+
+    def prune(self) -> None:
+        """Forget keys before the lag window of :attr:`bound` (keep the newest MAX_SEEN)."""
+        bound = self.bound
+        if bound is not None:
+            floor = bound - self.lag
+            self.seen = {k: v for k, v in self.seen.items() if v[1] >= floor}
+        if len(self.seen) > MAX_SEEN:
+            self.seen = dict(sorted(self.seen.items(), key=lambda kv: kv[1][1])[-MAX_SEEN:])
+
+    def result(self) -> Watermark:
+        """The watermark to persist after a complete read: ``value`` lowered to the
+        hold-back, and only the keys read inside the lag window at or before it (keys
+        read after a hold-back are read again by the next run)."""
+        bound = self.bound
+        seen = {k: v for k, v in self.seen.items() if bound is not None and v[1] <= bound}
+        out = Watermark(value=bound, lag=self.lag, seen=seen, key=self.key,
+                        timespec=self.timespec)
+        out.origin = bound
+        out.prune()
+        return out
+
+    def _time(self, at: datetime | None) -> str | None:
+        return None if at is None else at.isoformat(timespec=self.timespec)
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"version": 1, <key>: instant, "seen": {key: [version, instant]}}`` plus,
+        mid-read, ``held``/``hold``/``origin``. Instants are ISO 8601 UTC strings."""
+        out: dict[str, Any] = {
+            self.key: self._time(self.value),
+            "seen": {k: [v, self._time(at)] for k, (v, at) in self.seen.items()},
+            "version": WATERMARK_VERSION,
+        }
+        if self.held:
+            out["held"], out["hold"] = True, self._time(self.hold)
+        if self.origin != self.value:
+            out["origin"] = self._time(self.origin)
+        return out
+
+
+_NOTHING = object()
+
+
+def cursor_may_advance(cursor: Any, failures: list[DocumentIssue]) -> bool:
+    """The one rule for whether a run may store the ``cursor`` its connector returned.
+
+    Every failure must be held back *inside* the cursor: a failed entity is (the
+    connector's watermark keeps that entity where it was, when the cursor is a versioned
+    watermark cursor, see :func:`holds_fetch_failures`); a failed document is not counted
+    on, because a failure while indexing a fetched document is never in the cursor. So:
+    no cursor, no move; no failures or only entity failures under a watermark cursor,
+    move; otherwise keep the previous cursor.
+    """
+    if cursor is None:
+        return False
+    return all(f.scope == "entity" and holds_fetch_failures(cursor) for f in failures)
+
+
+def holds_fetch_failures(cursor: Any) -> bool:
+    """Whether ``cursor`` was written by :class:`Watermark` code that already holds back
+    at every item and entity the connector failed to read (``version`` present).
+
+    Such a cursor may be stored after a run with fetch failures: its own hold-back makes
+    the next run read them again. Older cursors (and git's commit cursor) do not, so a
+    run with any failure keeps the previous cursor. A failure while *indexing* a fetched
+    document is never in the cursor: such a run never moves it.
+    """
+    return isinstance(cursor, Mapping) and cursor.get("version") == WATERMARK_VERSION

@@ -6,8 +6,9 @@ error parsing); the v1 REST resources are addressed by their documented paths
 atlassian-python-api 5.0.5 the Cloud client's ``cql()``/``search_content()`` request
 ``<site>/wiki/content/search`` (no ``rest/api``), which Confluence answers with 404.
 
-**Incremental sync.** The *cursor* is ``{"when": <latest version.when seen, ISO 8601>,
-"seen": {<content id>: [<version number>, <when>]}}``. A run searches
+**Incremental sync.** The *cursor* is a :class:`connectors.base.Watermark`,
+``{"when": <latest version.when read, ISO 8601>, "seen": {<content id>: [<version number>,
+<when>]}, "version": 1}`` (cursors without ``version`` are still read). A run searches
 
     <scope> and type in (page, blogpost[, attachment])
             and lastmodified >= "<cursor.when - overlap, as yyyy-MM-dd HH:mm>"
@@ -37,14 +38,16 @@ Offset pagination is guarded:
 
 **Faults** (https://developer.atlassian.com/cloud/confluence/rate-limiting/ and
 https://confluence.atlassian.com/doc/configuring-global-rate-limiting-1798635796.html for Data
-Center). 429 waits for ``Retry-After`` (capped at ``retry_after_max_seconds``), and
+Center), classified and retried by :mod:`connectors.http` (the client's own retries are
+off). 429 waits for ``Retry-After`` (capped at ``retry_after_max_seconds``), and
 so does Server/DC's 403 that says "rate limit"; 5xx and network errors retry with
-exponential backoff (tenacity); when a results page still fails with 5xx, the page
+exponential backoff; when a results page still fails with 5xx, the page
 size is halved down to ``min_page_size``; when retries run out the fetch raises
 :class:`TransientSourceError` (the flow retries from the last checkpoint). 400/401/404
 and other 403s on the search fail fast with a :class:`ConnectorError` saying what to
 check; on a single page's own request they fail that document, naming the page. A
-body that cannot be converted is a failed document; the cursor never moves past it.
+body that cannot be converted is a failed document; the watermark holds at it, so the
+cursor never moves past it.
 
 **Deletions.** :meth:`ConfluenceConnector.list_ids` lists the ids in scope by CQL
 (ids only, ordered by ``created`` so edits do not move results between pages); pages
@@ -65,26 +68,18 @@ from __future__ import annotations
 
 import base64
 import logging
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlparse
 from zoneinfo import ZoneInfo
 
 import requests
 from atlassian import Confluence
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
 
+from connectors import http
 from connectors.base import (
     Checkpoint,
     ConnectorError,
@@ -94,9 +89,12 @@ from connectors.base import (
     Listing,
     Page,
     TransientSourceError,
+    Watermark,
+    parse_instant,
     redact,
     utc,
 )
+from connectors.http import classify, retry_after_seconds  # noqa: F401 - re-exported
 from transforms.attachments import AttachmentTextError, attachment_kind, attachment_text
 from transforms.storage_format import mentioned_users, storage_to_markdown
 
@@ -108,8 +106,6 @@ EXPAND = ("body.storage,version,space,ancestors,metadata.labels,history,containe
           "extensions")
 #: CQL's date format (minute precision), in the querying user's time zone.
 CQL_DATE = "%Y-%m-%d %H:%M"
-#: Most ``seen`` entries kept in a cursor or checkpoint (the newest win).
-MAX_SEEN = 5000
 #: Parameters of the user lookup per mention kind (``GET rest/api/user``).
 USER_PARAM = {"userkey": "key", "account-id": "accountId", "username": "username"}
 
@@ -148,6 +144,15 @@ class ConfluenceSourceOptions:
     backoff_max_seconds: float = 30.0
     timeout_seconds: float = 60.0
     verify_ssl: bool = True
+
+    @property
+    def policy(self) -> http.RetryPolicy:
+        """The retry policy of this source, in the shared vocabulary."""
+        return http.RetryPolicy(
+            retries=self.max_retries, backoff_seconds=self.backoff_initial_seconds,
+            max_backoff_seconds=self.backoff_max_seconds,
+            max_retry_after_seconds=self.retry_after_max_seconds,
+            timeout_seconds=self.timeout_seconds)
 
     @property
     def is_cloud(self) -> bool:
@@ -222,6 +227,15 @@ class _NetworkError(_Transient):
     """Connection refused/reset, timeout."""
 
 
+def _outcome(exc: BaseException) -> http.Outcome | None:
+    """What :func:`connectors.http.retrying` needs of this connector's outcomes."""
+    if isinstance(exc, _Throttled):
+        return http.Outcome("rate_limited", retry_after=exc.retry_after)
+    if isinstance(exc, _Transient):
+        return http.Outcome("retryable", retry_after=exc.retry_after)
+    return None
+
+
 class _ClientError(Exception):
     """A 4xx that retrying does not fix."""
 
@@ -230,45 +244,14 @@ class _ClientError(Exception):
         self.status = status
 
 
-def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta seconds or an HTTP date,
-    RFC 9110 section 10.2.3); ``None`` when absent or unreadable."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - (now or datetime.now(UTC))).total_seconds()
-    if not math.isfinite(seconds):
-        return None
-    return max(0.0, seconds)
-
-
-def _is_rate_limit(response: requests.Response) -> bool:
-    """A 403/503 that is really throttling (Server/DC rate limiting and some proxies
-    answer 403 "Rate limit exceeded"; Cloud answers 429)."""
-    if response.headers.get("Retry-After"):
-        return True
-    if response.headers.get("X-RateLimit-Remaining", "").strip() == "0":
-        return True
-    text = (response.text or "")[:2000].lower()
-    return "rate limit" in text or "too many requests" in text
-
-
 def parse_when(value: Any) -> datetime | None:
     """``version.when`` / ``createdDate`` (ISO 8601, ``Z`` or an offset) -> aware UTC."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return utc(datetime.fromisoformat(value.replace("Z", "+00:00")))
-    except ValueError:
-        return None
+    return parse_instant(value) if isinstance(value, str) else None
+
+
+def _version(item: dict[str, Any]) -> dict[str, Any]:
+    version = item.get("version")
+    return version if isinstance(version, dict) else {}
 
 
 def cql_date(moment: datetime, zone: str) -> str:
@@ -307,10 +290,12 @@ class ConfluenceConnector:
         self.options = options
         self.name = options.name
         self._client = client
+        self.policy = options.policy
         self._users: dict[str, str | None] = {}
         self.stats: dict[str, float] = {
             "requests": 0, "retries": 0, "throttled": 0, "waited_seconds": 0.0,
             "page_size_reductions": 0, "skipped_seen": 0, "pagination_drift": 0,
+            "capped": 0,
         }
         ZoneInfo(options.timezone)  # fail early on an unknown zone
 
@@ -364,13 +349,12 @@ class ConfluenceConnector:
             status = response.status_code if response is not None else 0
             message = self._safe(str(exc).strip()[:500]
                                  or (response.reason if response is not None else ""))
-            retry_after = retry_after_seconds(response.headers.get("Retry-After")
-                                              if response is not None else None)
-            if status == 429 or (status in (403, 503) and response is not None
-                                 and _is_rate_limit(response)):
-                raise _Throttled(f"HTTP {status} (rate limited)", retry_after) from None
-            if status >= 500:
-                raise _ServerError(f"HTTP {status}: {message}", retry_after) from None
+            judged = classify(status, response.headers if response is not None else None,
+                              (response.text or "")[:2000] if response is not None else "")
+            if judged.kind == "rate_limited":
+                raise _Throttled(f"HTTP {status} (rate limited)", judged.retry_after) from None
+            if judged.kind == "retryable" and status:
+                raise _ServerError(f"HTTP {status}: {message}", judged.retry_after) from None
             raise _ClientError(status, f"HTTP {status}: {message}") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise _NetworkError(self._safe(f"{type(exc).__name__}: {exc}")) from None
@@ -380,37 +364,12 @@ class ConfluenceConnector:
             raise _ServerError(f"expected a JSON object, got {type(result).__name__}")
         return result
 
-    def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        o = self.options
-        if isinstance(exc, _Transient) and exc.retry_after is not None:
-            return min(exc.retry_after, o.retry_after_max_seconds)
-        backoff = wait_exponential_jitter(initial=o.backoff_initial_seconds,
-                                          max=o.backoff_max_seconds,
-                                          jitter=o.backoff_initial_seconds)
-        return backoff(state)
-
-    def _sleep(self, seconds: float) -> None:
-        self.stats["waited_seconds"] = round(self.stats["waited_seconds"] + seconds, 3)
-        time.sleep(seconds)
-
-    def _before_sleep(self, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        self.stats["retries"] += 1
-        if isinstance(exc, _Throttled):
-            self.stats["throttled"] += 1
-        log.warning("confluence source %r: %s; retry %d in %.1fs", self.name, exc,
-                    state.attempt_number, state.upcoming_sleep)
-
     def _get(self, path: str, params: dict[str, Any] | None = None, *, absolute: bool = False,
              raw: bool = False) -> Any:
         """GET with retries of transient outcomes (tenacity); the last outcome is raised
         as its ``_Transient``/``_ClientError`` class."""
-        retrying = Retrying(
-            retry=retry_if_exception_type(_Transient),
-            stop=stop_after_attempt(self.options.max_retries + 1),
-            wait=self._wait, sleep=self._sleep, before_sleep=self._before_sleep, reraise=True,
-        )
+        retrying = http.retrying(self.policy, self.stats, name=f"confluence source {self.name!r}",
+                                 outcome=_outcome, sleep=time.sleep, logger=log)
         return retrying(self._once, path, params, absolute, raw)
 
     # -------------------------------------------------------------------------- CQL
@@ -444,9 +403,9 @@ class ConfluenceConnector:
                 end = request.until + timedelta(minutes=1)  # until's own minute included
                 clauses.append(f'lastmodified <= "{cql_date(end, zone)}"')
         else:
-            when = parse_when((request.cursor or {}).get("when"))
-            if when is not None:
-                clauses.append(f'lastmodified >= "{cql_date(when - overlap, zone)}"')
+            since = self._watermark(request.cursor).since
+            if since is not None:
+                clauses.append(f'lastmodified >= "{cql_date(since, zone)}"')
         return " and ".join(clauses) + " order by lastmodified asc"
 
     # ----------------------------------------------------------------- pagination
@@ -509,7 +468,7 @@ class ConfluenceConnector:
 
         ``state["anchor"]`` is the id of the last result already read (kept across a
         checkpoint); offset pages are requested one result early to check it. When it
-        is not there, ``state["drift_after"]`` is set to ``state["anchor_when"]``.
+        is not there, ``state["watermark"]`` is held at ``state["anchor_when"]``.
         """
         while params is not None:
             sent = dict(params)
@@ -537,13 +496,13 @@ class ConfluenceConnector:
             params = next_params
 
     def _moved(self, state: dict[str, Any], where: str) -> None:
-        """Record that the result set moved under the pagination after ``state["anchor"]``."""
+        """Record that the result set moved under the pagination after ``state["anchor"]``:
+        the results after it may have been skipped, so the watermark holds at its ``when``."""
         self.stats["pagination_drift"] += 1
         state["moved"] = True
         anchor_when = parse_when(state.get("anchor_when"))
-        drift = parse_when(state.get("drift_after"))
-        if anchor_when is not None and (drift is None or anchor_when < drift):
-            state["drift_after"] = anchor_when.isoformat()
+        if anchor_when is not None and state.get("watermark") is not None:
+            state["watermark"].hold_at(anchor_when)
         log.warning("confluence source %r: results moved while paging (%s) after id %s",
                     self.name, where, state.get("anchor"))
 
@@ -553,109 +512,77 @@ class ConfluenceConnector:
         """Yield the pages, blog posts and attachments that changed, one results page
         of the search at a time (see the module docstring).
 
-        The checkpoint is ``{"params": <next search parameters>, "when": <latest
-        version.when so far>, "seen": {...}, "anchor": <last id read>, "anchor_when",
-        "drift_after"}``; the last page's ``cursor`` is ``{"when", "seen"}``.
+        The checkpoint is ``{"params": <next search parameters>, "watermark": <the
+        Watermark so far>, "anchor": <last id read>, "anchor_when"}``; the last page's
+        ``cursor`` is the :class:`Watermark` ``{"when", "seen", "version"}``.
         """
         incremental = not request.is_backfill and request.cursor is not None
-        known: dict[str, Any] = ((request.cursor or {}).get("seen") or {}) if incremental else {}
+        wm = self._watermark(request.cursor if incremental else None)
+        state: dict[str, Any] = {"anchor": None, "anchor_when": None}
         if checkpoint and "params" in checkpoint:  # params None: resumed after the last page
-            state = {k: checkpoint.get(k) for k in ("when", "anchor", "anchor_when",
-                                                    "drift_after")}
-            state["seen"] = dict(checkpoint.get("seen") or {})
+            state.update(anchor=checkpoint.get("anchor"), anchor_when=checkpoint.get("anchor_when"))
+            wm = wm.restore(checkpoint.get("watermark"))
             params = dict(checkpoint["params"]) if checkpoint["params"] else None
         else:
-            state = {"when": (request.cursor or {}).get("when") if incremental else None,
-                     "seen": dict(known), "anchor": None, "anchor_when": None,
-                     "drift_after": None}
             params = {"cql": self.changes_cql(request), "expand": EXPAND,
                       "limit": self.options.page_size, "start": 0}
-        where = "search of changes"
+        state["watermark"] = wm
         emitted = False
-        for response, results, next_params in self._pages(params, state, where):
+        for response, results, next_params in self._pages(params, state, "search of changes"):
             page = Page()
             base = str((response.get("_links") or {}).get("base") or self.options.api_url)
             self._resolve_mentions(results)
             for item in results:
-                cid = str(item.get("id"))
                 if item.get("type") == "attachment" and not self.options.attachments:
                     continue
-                if self._skip_known(item, known, state):
+                if self._known(item, wm):
                     continue
                 if item.get("type") != "attachment" and self._incomplete(item):
                     completed = self._complete(item)
                     if isinstance(completed, DocumentIssue):
                         page.issues.append(completed)
+                        wm.hold_at(parse_when(_version(item).get("when")) or wm.value)
                         continue
                     item = completed
-                    if self._skip_known(item, known, state):
+                    if self._known(item, wm):
                         continue
-                version = (item.get("version") or {}).get("number")
-                when = (item.get("version") or {}).get("when")
                 result = self._convert(item, base)
                 if isinstance(result, Document):
                     page.documents.append(result)
                 elif result is not None:
                     page.issues.append(result)
-                if result is None or isinstance(result, Document) or result.kind == "skipped":
-                    self._remember(state, cid, version, when)
-            page.checkpoint = {"params": next_params, **self._state_out(state)}
+                if isinstance(result, DocumentIssue) and result.kind == "failed":
+                    wm.hold_at(parse_when(_version(item).get("when")) or wm.value)
+                else:
+                    wm.advance(str(item.get("id")), _version(item).get("number"),
+                               parse_when(_version(item).get("when")))
+            wm.prune()
+            page.checkpoint = self._checkpoint(next_params, state)
             if next_params is None:
-                page.cursor = self._cursor(state, request)
+                page.cursor = wm.result().to_json()
             emitted = True
             yield page
         if not emitted:  # resumed after the last page
-            yield Page(checkpoint={"params": None, **self._state_out(state)},
-                       cursor=self._cursor(state, request))
+            yield Page(checkpoint=self._checkpoint(None, state), cursor=wm.result().to_json())
 
-    def _remember(self, state: dict[str, Any], cid: str, version: Any, when: Any) -> None:
-        moment = parse_when(when)
-        if moment is None or version is None:
-            return
-        latest = parse_when(state.get("when"))
-        if latest is None or moment > latest:
-            state["when"] = moment.isoformat()
-        state["seen"][cid] = [version, moment.isoformat()]
+    def _watermark(self, cursor: dict[str, Any] | None) -> Watermark:
+        return Watermark.read(cursor, key="when",
+                              lag=timedelta(minutes=self.options.overlap_minutes))
 
-    def _state_out(self, state: dict[str, Any]) -> dict[str, Any]:
-        """The state for a checkpoint: ``seen`` pruned to the overlap window."""
-        latest = parse_when(state.get("when"))
-        seen = state["seen"]
-        if latest is not None:
-            floor = latest - timedelta(minutes=self.options.overlap_minutes)
-            floor_drift = parse_when(state.get("drift_after"))
-            if floor_drift is not None:
-                floor = min(floor, floor_drift - timedelta(minutes=self.options.overlap_minutes))
-            seen = {k: v for k, v in seen.items() if (parse_when(v[1]) or latest) >= floor}
-        if len(seen) > MAX_SEEN:
-            seen = dict(sorted(seen.items(), key=lambda kv: kv[1][1])[-MAX_SEEN:])
-        state["seen"] = seen
-        return {"when": state.get("when"), "seen": seen, "anchor": state.get("anchor"),
-                "anchor_when": state.get("anchor_when"), "drift_after": state.get("drift_after")}
-
-    def _cursor(self, state: dict[str, Any], request: FetchRequest) -> dict[str, Any]:
-        """The cursor after a complete read: the latest ``when`` (held back to where
-        results moved while paging, if they did) and the versions seen near it."""
-        when = state.get("when")
-        drift = parse_when(state.get("drift_after"))
-        if drift is not None and (parse_when(when) is None or drift < parse_when(when)):
-            when = drift.isoformat()
-        if when is None and request.cursor and not request.is_backfill:
-            return dict(request.cursor)
-        return {"when": when, "seen": self._state_out(state)["seen"]}
+    @staticmethod
+    def _checkpoint(params: dict[str, Any] | None, state: dict[str, Any]) -> Checkpoint:
+        return {"params": params, "watermark": state["watermark"].to_json(),
+                "anchor": state.get("anchor"), "anchor_when": state.get("anchor_when")}
 
     # ------------------------------------------------------------------- documents
 
-    def _skip_known(self, item: dict[str, Any], known: dict[str, Any],
-                    state: dict[str, Any]) -> bool:
-        """Whether ``item`` is at the version the cursor already saw (then remembered)."""
-        cid = str(item.get("id"))
-        version = (item.get("version") or {}).get("number")
-        prior = known.get(cid)
-        if not prior or version is None or prior[0] != version:
+    def _known(self, item: dict[str, Any], wm: Watermark) -> bool:
+        """Whether ``item`` is at a version already read (then the watermark keeps it)."""
+        cid, version = str(item.get("id")), _version(item).get("number")
+        if not wm.is_known(cid, version):
             return False
         self.stats["skipped_seen"] += 1
-        self._remember(state, cid, version, (item.get("version") or {}).get("when"))
+        wm.advance(cid, version, parse_when(_version(item).get("when")))
         return True
 
     @staticmethod
@@ -844,7 +771,7 @@ class ConfluenceConnector:
         """
         params: dict[str, Any] = {"cql": self.scope_cql() + " order by created asc",
                                   "limit": self.options.list_page_size, "start": 0}
-        state: dict[str, Any] = {"anchor": None, "anchor_when": None, "drift_after": None}
+        state: dict[str, Any] = {"anchor": None, "anchor_when": None}
         ids: set[str] = set()
         try:
             for _, results, _ in self._pages(params, state, "listing of ids"):

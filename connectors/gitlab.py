@@ -26,11 +26,21 @@ Document ids: ``<source>:<project path>:code:<file path>``, ``<source>:<project 
 syntax), ``<source>:<project path>:wiki:<slug>``.
 
 The *cursor* is ``{"projects": {<project path>: {"code": {"commit": sha}, "issues":
-<updated_at>, "merge_requests": <updated_at>, "wiki": {<slug>: <hash>}}}}``. It never
-passes an issue/MR that failed: the part's cursor is held at the failed item's
+<watermark>, "merge_requests": <watermark>, "wiki": {<slug>: <hash>}}}, "version": 1}``
+where a watermark is a :class:`connectors.base.Watermark` (``{"updated", "seen":
+{<iid>: [<updated_at>, <updated_at>]}, "version"}``; the older bare ``updated_at``
+strings are still read). An issue/MR of the overlap window that the watermark read at
+the same ``updated_at`` is not read again (its discussions are not fetched). The
+watermark never passes an issue/MR that failed: it holds at the failed item's
 ``updated_at``. If an item shows up twice in one listing (it was updated while the
-listing ran, which shifts later items across page boundaries), the part's cursor is
-held at the item's first position, so an item shifted past is read next time.
+listing ran, which shifts later items across page boundaries), it holds at the item's
+first position, so an item shifted past is read next time.
+
+A project that cannot be read (403/404 on ``GET /projects/:id``), or one part of it (403
+on its issues, a repository whose branch does not exist) is a failed *entity*: a
+:class:`DocumentIssue` with ``scope="entity"`` naming it and why; its cursor stays where
+it was, and the other projects and parts are read and their cursors move. Only a source
+none of whose configured projects can be read fails as a whole.
 
 Confidential issues are skipped (recorded, and removed from the index if they were in
 it) unless ``include_confidential``; then their metadata has ``confidential=True``. An
@@ -38,10 +48,12 @@ issue moved to another project (GitLab keeps the closed original, with ``moved_t
 is skipped the same way; its copy in the other project is a document of that project.
 
 Faults: python-gitlab retries 429 (sleeping ``Retry-After`` or until
-``RateLimit-Reset``) and, with ``retry_transient_errors=True``, 5xx and connection
+``RateLimit-Reset``, cut to ``max_retry_after_seconds`` and counted in ``stats`` by
+:func:`connectors.http.cap_waits`) and, with ``retry_transient_errors=True``, 5xx and connection
 errors with exponential backoff (0.1 s * 2^n), up to ``max_retries`` times
 (``gitlab/utils.py`` ``Retry``; https://python-gitlab.readthedocs.io/en/stable/api-usage-advanced.html#rate-limits).
-What still fails: 401/403/404 on a listing -> :class:`ConnectorError` (not retried);
+What still fails: 401 -> :class:`ConnectorError` (not retried); 403/404 on a project's
+listing -> that entity fails (above);
 5xx/429/connection errors on a listing -> :class:`TransientSourceError` (the flow
 retries the page from the last checkpoint); an error reading one item's discussions
 -> a failed :class:`DocumentIssue` for that item, and the run goes on. The token is
@@ -63,15 +75,20 @@ import gitlab
 import requests
 from gitlab.exceptions import GitlabAuthenticationError, GitlabError
 
+from connectors import http
 from connectors.base import (
+    ENTITY_TITLE,
+    WATERMARK_VERSION,
     Checkpoint,
     ConnectorError,
     Document,
     DocumentIssue,
+    EntityError,
     FetchRequest,
     Listing,
     Page,
     TransientSourceError,
+    Watermark,
     now_utc,
     redact,
 )
@@ -119,6 +136,8 @@ class GitLabSourceOptions:
     page_size: int = 100
     max_retries: int = 5
     timeout_seconds: float = 60.0
+    #: the longest wait python-gitlab may take for a Retry-After / RateLimit-Reset
+    max_retry_after_seconds: float = 60.0
     #: clone URL template (``{path}``, ``{id}``); default: the project's ``http_url_to_repo``
     clone_url: str | None = None
     ssl_verify: bool | str = True
@@ -160,20 +179,8 @@ class GitLabProject:
                    default_branch=attrs.get("default_branch"), parts=frozenset(parts))
 
 
-def _earliest(a: str | None, b: str | None) -> str | None:
-    if a is None or b is None:
-        return a if b is None else b
-    return a if parse_time(a) <= parse_time(b) else b
-
-
-def _latest(a: str | None, b: str | None) -> str | None:
-    if a is None or b is None:
-        return a if b is None else b
-    return a if parse_time(a) >= parse_time(b) else b
-
-
 def _norm(value: str | None) -> str | None:
-    """A GitLab timestamp in one spelling (``api_time``), so cursors compare as values."""
+    """A GitLab timestamp in one spelling (``api_time``): an item's version."""
     return api_time(parse_time(value)) if value else None
 
 
@@ -204,6 +211,10 @@ class GitLabConnector:
         self._data_dir = Path(data_dir) if data_dir else Path(".kbsync")
         self._gl: gitlab.Gitlab | None = None
         self._projects: list[GitLabProject] | None = None
+        #: ``skipped_seen``: issues/MRs of the overlap not read again (same ``updated_at``)
+        self.stats: dict[str, float] = {"skipped_seen": 0, **http.new_stats()}
+        #: configured projects that could not be read: ``{ref: reason}``
+        self.unreadable: dict[str, str] = {}
         self._git: dict[int, GitConnector] = {}
 
     # --------------------------------------------------------------------- the API
@@ -217,6 +228,10 @@ class GitLabConnector:
                 timeout=self.options.timeout_seconds, ssl_verify=self.options.ssl_verify,
                 retry_transient_errors=True, keep_base_url=True,
                 user_agent="kbsync (python-gitlab)")
+            # python-gitlab sleeps for any Retry-After it is sent: cap and count it
+            http.cap_waits(self._gl.session, http.RetryPolicy(
+                retries=self.options.max_retries,
+                max_retry_after_seconds=self.options.max_retry_after_seconds), self.stats)
         return self._gl
 
     @property
@@ -247,6 +262,8 @@ class GitLabConnector:
             code = exc.response_code
             if code is None or code == 429 or code >= 500:
                 raise TransientSourceError(self._message(what, exc)) from None
+            if code in (403, 404):
+                raise EntityError(self._message(what, exc)) from None
             raise ConnectorError(self._message(what, exc)) from None
         except requests.RequestException as exc:
             raise TransientSourceError(self._message(what, exc)) from None
@@ -256,10 +273,19 @@ class GitLabConnector:
         if self._projects is not None:
             return self._projects
         found: dict[int, GitLabProject] = {}
+        self.unreadable = {}
         for ref in self.options.projects:
-            with self._api(f"cannot read project {str(ref)!r}"):
-                project = self.gl.projects.get(ref, **self._retries)
+            try:
+                with self._api(f"cannot read project {str(ref)!r}"):
+                    project = self.gl.projects.get(ref, **self._retries)
+            except EntityError as exc:  # the other projects are still read
+                self.unreadable[str(ref)] = str(exc)
+                continue
             found[project.id] = GitLabProject.from_api(project.asdict())
+        if self.unreadable and not found and not self.options.group:
+            # nothing of the source can be read: a source error (a wrong path, a token
+            # without access), not one entity among others
+            raise ConnectorError("; ".join(self.unreadable.values()))
         if self.options.group:
             with self._api(f"cannot list the projects of group {self.options.group!r}"):
                 group = self.gl.groups.get(self.options.group, lazy=True)
@@ -315,6 +341,9 @@ class GitLabConnector:
 
         The checkpoint is ``{"cursor": <cursor so far>, "at": [<project path>,
         <part index>], "inner": <the part's own resume point, or None once done>}``.
+        A project or part that cannot be read (403, 404, a missing branch) is a failed
+        entity (a :class:`DocumentIssue` with ``scope="entity"``); its cursor stays where
+        it was and the other projects and parts are read.
         """
         old_projects = (request.cursor or {}).get("projects") or {}
         new_cursor: dict[str, dict[str, Any]] = copy.deepcopy(
@@ -326,7 +355,23 @@ class GitLabConnector:
         position: Checkpoint | None = dict(checkpoint) if checkpoint else None
         pending = 0
 
-        for project, part in self._steps():
+        # entity failures before the checkpoint: reported again on the last page, so the
+        # run that finishes the read knows them (they decide what the cursor may do)
+        carried = [tuple(e) for e in (checkpoint or {}).get("entities") or []]
+        entities: list[tuple[str, str]] = list(carried)
+
+        def at(key: tuple[str, int] | list, inner: Any) -> Checkpoint:
+            return {"cursor": copy.deepcopy(new_cursor), "at": list(key), "inner": inner,
+                    "entities": [list(e) for e in entities]}
+
+        steps = self._steps()
+        if not resume_at:
+            for ref, reason in sorted(self.unreadable.items()):
+                buffer.issues.append(self._entity_failed(ref, reason))
+                entities.append((ref, reason))
+                if ref in old_projects and request.cursor:
+                    new_cursor[ref] = copy.deepcopy(old_projects[ref])
+        for project, part in steps:
             key = (project.path, PARTS.index(part))
             inner = None
             if resume_at:
@@ -344,12 +389,19 @@ class GitLabConnector:
                         new_cursor.setdefault(project.path, {})[part] = stop.value
                     else:
                         new_cursor.get(project.path, {}).pop(part, None)
-                    position = {"cursor": copy.deepcopy(new_cursor), "at": list(key),
-                                "inner": None}
+                    position = at(key, None)
+                    break
+                except EntityError as exc:  # this part holds; the others go on
+                    buffer.issues.append(self._entity_failed(
+                        f"{project.path}:{part}", str(exc)))
+                    entities.append((f"{project.path}:{part}", str(exc)))
+                    pending += 1
+                    if old is not None:
+                        new_cursor.setdefault(project.path, {})[part] = old
+                    position = at(key, None)
                     break
                 if kind == "mark":
-                    position = {"cursor": copy.deepcopy(new_cursor), "at": list(key),
-                                "inner": value}
+                    position = at(key, value)
                     if pending >= size:
                         buffer.checkpoint = position
                         yield buffer
@@ -367,9 +419,14 @@ class GitLabConnector:
                 yield buffer
                 buffer, pending = Page(), 0
 
-        buffer.checkpoint = position or {"cursor": new_cursor, "at": [], "inner": None}
-        buffer.cursor = {"projects": new_cursor}
+        buffer.issues.extend(self._entity_failed(entity, reason) for entity, reason in carried)
+        buffer.checkpoint = position or at([], None)
+        buffer.cursor = {"projects": new_cursor, "version": WATERMARK_VERSION}
         yield buffer
+
+    def _entity_failed(self, entity: str, reason: str) -> DocumentIssue:
+        return DocumentIssue(f"{self.name}:{entity}", reason, "failed", ENTITY_TITLE + entity,
+                             scope="entity")
 
     def _read_part(self, project: GitLabProject, part: str, old: Any, inner: Any,
                    request: FetchRequest) -> Iterator[_Event]:
@@ -385,36 +442,41 @@ class GitLabConnector:
         sub = FetchRequest(cursor=old if isinstance(old, dict) else None,
                            since=request.since, until=request.until)
         result = old
-        for page in conn.fetch(sub, inner):
-            for doc in page.documents:
-                yield "doc", replace(doc, source_type=self.source_type,
-                                     metadata={**doc.metadata, "project": project.path,
-                                               "kind": "code"})
-            for doc_id in page.deletions:
-                yield "delete", doc_id
-            for issue in page.issues:
-                yield "issue", issue
-            if page.cursor is not None:
-                result = page.cursor
-            else:
-                yield "mark", page.checkpoint
+        try:
+            for page in conn.fetch(sub, inner):
+                for doc in page.documents:
+                    yield "doc", replace(doc, source_type=self.source_type,
+                                         metadata={**doc.metadata, "project": project.path,
+                                                   "kind": "code"})
+                for doc_id in page.deletions:
+                    yield "delete", doc_id
+                for issue in page.issues:
+                    yield "issue", issue
+                if page.cursor is not None:
+                    result = page.cursor
+                else:
+                    yield "mark", page.checkpoint
+        except (TransientSourceError, EntityError):
+            raise
+        except ConnectorError as exc:  # a repository that cannot be cloned, a missing branch
+            raise EntityError(str(exc)) from None
         return result
 
-    def _read_items(self, project: GitLabProject, part: str, old: str | None, inner: Any,
+    def _read_items(self, project: GitLabProject, part: str, old: Any, inner: Any,
                     request: FetchRequest) -> Iterator[_Event]:
-        """Issues or merge requests updated since ``old - overlap`` (or in the backfill
-        window), oldest update first. Returns the part's new cursor value."""
+        """Issues or merge requests updated since the part's watermark (or in the
+        backfill window), oldest update first. An item the watermark already read at
+        this ``updated_at`` is not read again (its discussions are not fetched). Returns
+        the part's new cursor value (a :class:`Watermark`'s JSON)."""
         kind = "issue" if part == "issues" else "merge_request"
+        wm = Watermark.read(None if request.is_backfill else old, key="updated",
+                            lag=timedelta(minutes=self.options.overlap_minutes))
         state = dict(inner or {})
-        if "start" not in state:
-            if request.since is not None:
-                start = api_time(request.since)
-            elif old:
-                start = api_time(parse_time(old) - timedelta(minutes=self.options.overlap_minutes))
-            else:
-                start = None
-            state = {"start": start, "after": start, "high": _norm(old), "cap": None,
-                     "hold": False}
+        if "after" in state:
+            wm = wm.restore(state.get("watermark"))
+        else:
+            since = request.since if request.since is not None else wm.since
+            state = {"after": api_time(since) if since else None}
         params: dict[str, Any] = {"order_by": "updated_at", "sort": "asc", "iterator": True,
                                   "per_page": min(100, self.options.page_size), **self._retries}
         if state["after"]:
@@ -427,7 +489,7 @@ class GitLabConnector:
         with self._api(what):
             listing = manager.list(**params)
         total_at_start = listing.total
-        first_seen: dict[int, str] = {}
+        first_seen: dict[int, Any] = {}
         while True:
             with self._api(what):
                 try:
@@ -436,27 +498,33 @@ class GitLabConnector:
                     break
             attrs = item.asdict()
             updated = _norm(attrs.get("updated_at"))
+            at = parse_time(updated) if updated else None
             if attrs.get("id") in first_seen:  # updated while we listed: see the docstring
-                state["cap"] = _earliest(state["cap"], first_seen[attrs["id"]])
-            first_seen.setdefault(attrs.get("id"), updated)
-            result = self._item_document(project, kind, item, attrs)
-            if isinstance(result, Document):
-                yield "doc", result
+                wm.hold_at(first_seen[attrs["id"]])
+            first_seen.setdefault(attrs.get("id"), at)
+            iid, failed = str(attrs.get("iid")), False
+            if not request.is_backfill and wm.is_known(iid, updated):
+                self.stats["skipped_seen"] += 1  # read at this updated_at already
             else:
-                yield "issue", result
-                if result.kind == "failed":
-                    state["cap"] = _earliest(state["cap"], updated)
-            state["high"] = _latest(state["high"], updated)
+                result = self._item_document(project, kind, item, attrs)
+                yield ("doc" if isinstance(result, Document) else "issue"), result
+                failed = isinstance(result, DocumentIssue) and result.kind == "failed"
+            if failed:
+                wm.hold_at(at)
+            else:
+                wm.advance(iid, updated, at)
             state["after"] = updated or state["after"]
+            wm.prune()
+            state["watermark"] = wm.to_json()
             yield "mark", dict(state)
         if total_at_start is not None and listing.total is not None \
                 and listing.total < total_at_start:
             # an item left the listing while we read it; later items may have shifted
             # to a page already read: read this part again from where it started
-            state["hold"] = True
-        if request.is_backfill or state["hold"]:
+            wm.hold_all()
+        if request.is_backfill:
             return old
-        return _earliest(state["high"], state["cap"])
+        return wm.result().to_json()
 
     def _item_document(self, project: GitLabProject, kind: str, item: Any,
                        attrs: dict[str, Any]) -> Document | DocumentIssue:

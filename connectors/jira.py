@@ -6,9 +6,10 @@ returns inline), each comment under its author and date (see
 :func:`transforms.jira_markup.issue_markdown`).
 
 Incremental reads
-    The *cursor* is ``{"updated": <ISO 8601 UTC>, "seen": {KEY: <updated, epoch ms>}}``:
-    the latest ``updated`` read, and the issues read within the overlap window before
-    it. A run asks for ``(<jql>) AND updated >= <cursor - overlap, epoch ms> ORDER BY
+    The *cursor* is a :class:`connectors.base.Watermark`, ``{"updated": <ISO 8601 UTC>,
+    "seen": {KEY: [<updated, epoch ms>, <updated>]}, "version": 1}``: the latest
+    ``updated`` read, and the issues read within the overlap window before it (the
+    older ``{"updated", "seen": {KEY: ms}}`` cursors are still read). A run asks for ``(<jql>) AND updated >= <cursor - overlap, epoch ms> ORDER BY
     updated ASC, key ASC``. The bound is an unquoted number of milliseconds: Jira reads a
     quoted date in the *user's* time zone at minute precision, a known cause of silently
     missed updates; a millisecond epoch means one instant everywhere. Issues of the
@@ -23,13 +24,17 @@ Pages
     position and the cursor so far. Offset paging can skip an issue when the result set
     shifts under it (an issue updated or removed while paging); when a page shows that
     happened (a key seen twice, a smaller ``total``) the cursor is held back to the page
-    boundary so the next run reads that stretch again.
+    boundary so the next run reads that stretch again. A Cloud ``nextPageToken`` saved
+    in a checkpoint that Jira refuses later (HTTP 400: it expired) restarts the search at
+    the checkpoint's watermark: not from scratch, and not past an unread issue.
 
 Failures
     ``ResilientSession`` (the library's) retries 429 (waiting ``Retry-After``), 503 with
-    ``Retry-After`` and connection errors, up to ``max_retries``; this connector adds
-    exponential backoff (tenacity) for the 5xx the session does not retry (500, 502,
-    504, 503 without ``Retry-After``) and read timeouts, so nothing is retried twice.
+    ``Retry-After`` and connection errors, up to ``max_retries``; every wait it takes is
+    capped by ``max_retry_after_seconds`` and counted (:func:`connectors.http.cap_waits`;
+    its connection backoff is otherwise 20/40/80 s). :func:`connectors.http.retrying`
+    adds exponential backoff for the 5xx the session does not retry (500, 502, 504, 503
+    without ``Retry-After``) and read timeouts, so nothing is retried twice.
     401/403 and 400 (a bad JQL: Jira's own message is quoted) raise
     :class:`ConnectorError` at once. A search page that still fails raises
     :class:`TransientSourceError` (the flow retries it from the checkpoint). A failure
@@ -55,8 +60,8 @@ from typing import Any, NoReturn, TypeVar
 
 import requests
 from jira import JIRA, JIRAError
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
+from connectors import http
 from connectors.base import (
     Checkpoint,
     ConnectorError,
@@ -67,6 +72,7 @@ from connectors.base import (
     Listing,
     Page,
     TransientSourceError,
+    Watermark,
     redact,
 )
 from transforms.jira_markup import issue_markdown, jira_time, person
@@ -83,8 +89,6 @@ SEARCH_FIELDS = [
 ]
 #: Most keys asked for per page when listing (Jira caps it lower where it must).
 LIST_PAGE_SIZE = 1000
-#: Most issues remembered in the cursor's ``seen`` map (beyond it issues are re-read).
-MAX_SEEN = 5000
 #: The Server/DC "Epic Link" field (a custom field whose id differs per site).
 EPIC_LINK_SCHEMA = "com.pyxis.greenhopper.jira:gh-epic-link"
 _ORDER_BY = re.compile(r"\border\s+by\b", re.I)
@@ -113,6 +117,8 @@ class JiraSourceOptions:
     max_retry_delay: float = 120.0
     backoff_seconds: float = 2.0
     timeout: float = 30.0
+    #: the longest any wait may be: Retry-After, the session's connection backoff
+    max_retry_after_seconds: float = 60.0
 
 
 def epoch_ms(moment: datetime) -> int:
@@ -120,10 +126,6 @@ def epoch_ms(moment: datetime) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1000)
-
-
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
 def strip_order_by(jql: str) -> str:
@@ -164,9 +166,11 @@ class JiraConnector:
         self.options = options
         self.name = options.name
         self.base_url = options.base_url.rstrip("/")
-        self._factory = client_factory or make_client
+        self._factory = client_factory or (lambda o: make_client(o, self.stats))
         self._client: JIRA | None = None
         self._epic_field: str | None = None
+        #: retries, throttled answers, seconds waited, waits cut to the cap
+        self.stats: dict[str, float] = http.new_stats()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -203,19 +207,14 @@ class JiraConnector:
                 f"{what}: {type(exc).__name__}: {exc}")) from None
         raise ConnectorError(self._message(f"{what}: {type(exc).__name__}: {exc}")) from None
 
-    def _retrying(self) -> Retrying:
-        """Backoff for what ``ResilientSession`` does not retry itself."""
-        return Retrying(
-            retry=retry_if_exception(_needs_backoff),
-            stop=stop_after_attempt(self.options.max_retries + 1),
-            wait=wait_exponential(multiplier=self.options.backoff_seconds,
-                                  max=self.options.max_retry_delay),
-            reraise=True,
-            before_sleep=lambda state: log.warning(
-                "jira source %r: %s, retrying (%d/%d)", self.name,
-                _short(state.outcome.exception()), state.attempt_number,
-                self.options.max_retries),
-        )
+    def _retrying(self):
+        """Backoff for what ``ResilientSession`` does not retry itself (one layer each)."""
+        o = self.options
+        policy = http.RetryPolicy(retries=o.max_retries, backoff_seconds=o.backoff_seconds,
+                                  max_backoff_seconds=o.max_retry_delay,
+                                  max_retry_after_seconds=o.max_retry_after_seconds)
+        return http.retrying(policy, self.stats, name=f"jira source {self.name!r}",
+                             outcome=_needs_backoff, logger=log)
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return self._retrying()(fn, *args, **kwargs)
@@ -274,10 +273,8 @@ class JiraConnector:
             clauses.append(f"updated >= {epoch_ms(request.since)}")
             if request.until is not None:
                 clauses.append(f"updated <= {epoch_ms(request.until)}")
-        elif request.cursor and request.cursor.get("updated"):
-            lower = jira_time(request.cursor["updated"]) - timedelta(
-                minutes=self.options.overlap_minutes)
-            clauses.append(f"updated >= {epoch_ms(lower)}")
+        elif (since := self._watermark(request.cursor).since) is not None:
+            clauses.append(f"updated >= {epoch_ms(since)}")
         where = " AND ".join(clauses)
         return (where + " " if where else "") + "ORDER BY updated ASC, key ASC"
 
@@ -414,27 +411,23 @@ class JiraConnector:
         """Yield the issues changed since the cursor (or in the backfill window), a page
         of at most ``page_size`` issues at a time.
 
-        The checkpoint is ``{"start_at" | "token", "max_updated", "seen", "blocked",
-        "rewind", "total"}``: the position of the next page and the cursor so far.
+        The checkpoint is ``{"jql", "start_at" | "token", "total", "watermark"}``: the
+        position of the next page and the :class:`Watermark` so far. A Cloud page token
+        that Jira no longer accepts restarts the read from that watermark.
         """
         jql = self.jql(request)
         fields = self._fields()
-        previous: Cursor = request.cursor or {}
-        prev_seen: dict[str, int] = dict(previous.get("seen") or {})
-        overlap_ms = self.options.overlap_minutes * 60_000
+        wm = self._watermark(request.cursor)
         if checkpoint and checkpoint.get("jql") == jql:
             state = dict(checkpoint)
+            wm = wm.restore(state["watermark"])
         else:
-            prev_updated = previous.get("updated")
-            state = {"jql": jql, "start_at": 0, "token": None, "total": None,
-                     "max_updated": epoch_ms(jira_time(prev_updated)) if prev_updated else None,
-                     "seen": prev_seen, "blocked": False, "rewind": None}
-        seen: dict[str, int] = dict(state["seen"])
+            state = {"jql": jql, "start_at": 0, "token": None, "total": None}
         run_keys: set[str] = set()
         boundary: int | None = None  # updated (ms) of the last issue of the previous page
-        log.info("jira source %r: %s", self.name, jql)
+        log.info("jira source %r: %s", self.name, state["jql"])
         while True:
-            data = self._search(jql, fields, state, self.options.page_size)
+            data = self._search_from(state, fields, wm, request)
             issues = [i for i in data.get("issues") or [] if isinstance(i, Mapping)]
             total = data.get("total")
             shifted = isinstance(total, int) and isinstance(state.get("total"), int) \
@@ -444,28 +437,24 @@ class JiraConnector:
             for raw in issues:
                 key = raw.get("key")
                 updated_ms = _updated_ms(raw)
-                if key in run_keys:
-                    shifted = True
+                at = None if updated_ms is None else _instant(updated_ms)
+                shifted = shifted or key in run_keys
                 run_keys.add(key)
-                if updated_ms is not None:
-                    last_ms = updated_ms
-                if (not request.is_backfill and key in prev_seen
-                        and prev_seen[key] == updated_ms):
-                    if not state["blocked"]:
-                        seen[key] = updated_ms
+                last_ms = updated_ms if updated_ms is not None else last_ms
+                if not request.is_backfill and wm.is_known(key, updated_ms):
+                    wm.advance(key, updated_ms, at)
                     continue  # indexed at this very `updated` by an earlier run
                 result = self._read_issue(raw)
                 if isinstance(result, Document):
                     page.documents.append(result)
-                    if not state["blocked"]:
-                        seen[key] = updated_ms
-                        state["max_updated"] = max(state["max_updated"] or 0, updated_ms)
                 else:
                     page.issues.append(result)
-                    if result.kind == "failed":
-                        state["blocked"] = True
+                if isinstance(result, DocumentIssue) and result.kind == "failed":
+                    wm.hold_at(wm.value)  # nothing after the last issue read counts
+                else:
+                    wm.advance(key, updated_ms, at)
             if shifted and boundary is not None:
-                state["rewind"] = min(state["rewind"] or boundary, boundary)
+                wm.hold_at(_instant(boundary))
             boundary = last_ms
             state["total"] = total if isinstance(total, int) else None
             if self.is_cloud:
@@ -474,24 +463,37 @@ class JiraConnector:
             else:
                 state["start_at"] = int(state.get("start_at") or 0) + len(issues)
                 last = not issues or (isinstance(total, int) and state["start_at"] >= total)
-            seen = _prune(seen, state["max_updated"], overlap_ms)
-            state["seen"] = seen
+            wm.prune()
+            state["watermark"] = wm.to_json()
             page.checkpoint = dict(state)
             if last:
-                page.cursor = self._cursor(state, overlap_ms)
+                page.cursor = wm.result().to_json()
             yield page
             if last:
                 return
 
-    @staticmethod
-    def _cursor(state: Mapping[str, Any], overlap_ms: int) -> Cursor:
-        updated = state.get("max_updated")
-        if updated is None:
-            return {"updated": None, "seen": {}}
-        if state.get("rewind") is not None:
-            updated = min(updated, state["rewind"])
-        return {"updated": _iso(updated), "seen": _prune(state.get("seen") or {}, updated,
-                                                         overlap_ms)}
+    def _watermark(self, cursor: Cursor | None) -> Watermark:
+        return Watermark.read(cursor, key="updated", timespec="milliseconds",
+                              lag=timedelta(minutes=self.options.overlap_minutes))
+
+    def _search_from(self, state: dict[str, Any], fields: list[str], wm: Watermark,
+                     request: FetchRequest) -> dict[str, Any]:
+        """The next search page; a Cloud ``nextPageToken`` Jira rejects (it expired while
+        the checkpoint waited) restarts the read at the watermark so far: the issues
+        before it are read, the ones after it were not (ascending ``updated`` order)."""
+        try:
+            return self._search(state["jql"], fields, state, self.options.page_size)
+        except ConnectorError as exc:
+            if not (state.get("token") and _bad_token(exc)):
+                raise
+        if request.is_backfill:
+            restart = FetchRequest(since=wm.since or request.since, until=request.until)
+        else:
+            restart = FetchRequest(cursor=wm.to_json())
+        log.warning("jira source %r: the saved page token was refused; reading again "
+                    "from %s", self.name, wm.since)
+        state.update(jql=self.jql(restart), token=None, start_at=0, total=None)
+        return self._search(state["jql"], fields, state, self.options.page_size)
 
     def list_ids(self) -> Listing:
         """The keys of every issue the JQL matches now, as document ids.
@@ -537,14 +539,15 @@ class JiraConnector:
             self._client = None
 
 
-def _prune(seen: Mapping[str, int], max_updated: int | None, overlap_ms: int) -> dict[str, int]:
-    """The ``seen`` entries still inside the overlap window, newest ``MAX_SEEN`` kept."""
-    if max_updated is None:
-        return dict(seen)
-    kept = {k: v for k, v in seen.items() if v is not None and v >= max_updated - overlap_ms}
-    if len(kept) > MAX_SEEN:
-        kept = dict(sorted(kept.items(), key=lambda kv: kv[1])[-MAX_SEEN:])
-    return kept
+def _instant(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def _bad_token(exc: ConnectorError) -> bool:
+    """Whether a search that carried a ``nextPageToken`` was refused as a bad request
+    (HTTP 400): its JQL already served the first page, so the token is what Jira refused."""
+    return not isinstance(exc, TransientSourceError) and (
+        "Jira rejected the JQL" in str(exc) or "HTTP 400" in str(exc))
 
 
 def _updated_ms(raw: Mapping[str, Any]) -> int | None:
@@ -555,26 +558,23 @@ def _updated_ms(raw: Mapping[str, Any]) -> int | None:
         return None
 
 
-def _short(exc: BaseException | None) -> str:
+def _needs_backoff(exc: BaseException) -> http.Outcome | None:
+    """5xx that ``ResilientSession`` does not retry itself (500, 502, 504, 503 without
+    ``Retry-After``) and read timeouts; ``None`` for everything else (not retried here:
+    the session already retried 429, 503 with ``Retry-After`` and connection errors)."""
     if isinstance(exc, JIRAError):
-        return f"HTTP {exc.status_code}"
-    return type(exc).__name__
+        headers = getattr(exc.response, "headers", None) or {}
+        judged = http.classify(exc.status_code or 0, headers)
+        if judged.kind == "retryable" and exc.status_code and \
+                not (exc.status_code == 503 and "Retry-After" in headers):
+            return judged
+        return None
+    if isinstance(exc, requests.Timeout) and not isinstance(exc, requests.ConnectionError):
+        return http.Outcome("retryable")
+    return None
 
 
-def _needs_backoff(exc: BaseException) -> bool:
-    """5xx that ``ResilientSession`` does not retry itself, and read timeouts."""
-    if isinstance(exc, JIRAError):
-        status = exc.status_code or 0
-        if status in (500, 502, 504):
-            return True
-        if status == 503:
-            headers = getattr(exc.response, "headers", None) or {}
-            return "Retry-After" not in headers
-        return False
-    return isinstance(exc, requests.Timeout) and not isinstance(exc, requests.ConnectionError)
-
-
-def make_client(options: JiraSourceOptions) -> JIRA:
+def make_client(options: JiraSourceOptions, stats: dict[str, float] | None = None) -> JIRA:
     """A ``jira.JIRA`` client for ``options`` (asks ``/serverInfo`` for the deployment type).
 
     ``max_retries`` and ``max_retry_delay`` configure the library's ``ResilientSession``
@@ -596,5 +596,10 @@ def make_client(options: JiraSourceOptions) -> JIRA:
         **auth,
     )
     # JIRA() exposes max_retries but not the session's delay cap; set it on the session.
-    client._session.max_retry_delay = options.max_retry_delay
+    # It caps every wait of the session: Retry-After (it sleeps 2 x Retry-After) and the
+    # 10 x 2^n s backoff of connection errors (20/40/80 s otherwise).
+    client._session.max_retry_delay = min(options.max_retry_delay,
+                                          options.max_retry_after_seconds)
+    http.cap_waits(client._session, http.RetryPolicy(
+        max_retry_after_seconds=options.max_retry_after_seconds / 2), stats or {})
     return client

@@ -82,8 +82,6 @@ JsonMode = Literal["json_schema", "json_object_schema", "instructions"]
 JSON_MODES: tuple[JsonMode, ...] = ("json_schema", "json_object_schema", "instructions")
 #: HTTP statuses with which a server refuses a ``response_format`` it does not support.
 _FORMAT_REFUSED = {400, 415, 422, 500, 501}
-#: Statuses retried with backoff (with connection errors and timeouts).
-_TRANSIENT_STATUS = {408, 429, 502, 503, 504}
 #: Statuses that mean "this endpoint cannot serve us" (bad key, model not served).
 _ENDPOINT_STATUS = {401, 403, 404}
 
@@ -186,10 +184,10 @@ class LLMConfig:
     """
 
     endpoints: tuple[Endpoint, ...]
-    timeout_seconds: float = 120.0
+    timeout_seconds: float = 300.0  # = llm.timeout_seconds (settings), one default
     connect_timeout_seconds: float = 5.0
     retries: int = 2
-    backoff_seconds: float = 1.0
+    backoff_seconds: float = 2.0  # = llm.retry_backoff_seconds (settings), one default
     max_context_tokens: int = 8192
     max_reply_tokens: int = 2048
     presets: Mapping[str, Sampling] = field(default_factory=lambda: dict(DEFAULT_PRESETS))
@@ -506,10 +504,13 @@ class LLMClient:
             wait_exponential,
         )
 
+        from connectors.http import classify_exception
+
         def transient(exc: BaseException) -> bool:
-            if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
-                return True
-            return isinstance(exc, openai.APIStatusError) and exc.status_code in _TRANSIENT_STATUS
+            # the one classifier (connectors.http); a status that can mean "response_format
+            # refused" is left to the caller's format fallback
+            return classify_exception(exc).retry and \
+                getattr(exc, "status_code", None) not in _FORMAT_REFUSED
 
         retrying = Retrying(
             stop=stop_after_attempt(self.config.retries + 1),

@@ -372,6 +372,7 @@ def status() -> None:
         docs[meta.get("source", "?")].add(meta.get("doc_id", ""))
         chunks[meta.get("source", "?")] += 1
     counts = state.issue_counts()
+    leases = state.locks()
     names = list(dict.fromkeys([s.name for s in settings.sources] + state.names() + list(docs)))
     console.print(f"[bold]kbsync status[/] — index {settings.chroma.url or settings.chroma_path}, "
                   f"collection {settings.chroma.collection}", highlight=False)
@@ -393,6 +394,9 @@ def status() -> None:
         console.print(f"  documents: {len(docs.get(n, ()))}; chunks: {chunks.get(n, 0)}; "
                       f"failed: {counts.get((n, 'failed'), 0)}; "
                       f"skipped: {counts.get((n, 'skipped'), 0)}", highlight=False, markup=False)
+        if n in leases:
+            console.print(f"  lease: held by {leases[n].describe()}", highlight=False,
+                          markup=False)
     failed = state.issues(kind="failed")
     if failed:
         issues = Table(title="failed documents")
@@ -402,6 +406,30 @@ def status() -> None:
             issues.add_row(issue.source, issue.doc_id, issue.reason, str(issue.attempts))
         console.print(issues)
     state.close()
+
+
+@app.command()
+@handle_errors
+def unlock(
+    source: Annotated[str, typer.Argument(help="the source whose lease to release")],
+) -> None:
+    """Release a source's lease (after saying whose it was), e.g. after a run died on
+    another host. A run that is provably gone is taken over without this; releasing
+    the lease of a run that still lives lets a second run interleave with it."""
+    from flows.state import StateStore
+
+    settings = _settings()
+    state = StateStore(settings.resolved_state_url)
+    try:
+        released = state.release_lock(source)
+    finally:
+        state.close()
+    if released is None:
+        console.print(f"source {source} has no lease: nothing to release", highlight=False,
+                      markup=False)
+        return
+    console.print(f"released the lease on {source}, held by {released.describe()}",
+                  highlight=False, markup=False)
 
 
 @app.command()

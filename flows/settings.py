@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -141,9 +142,16 @@ class SyncSettings(_Model):
     fetch_retry_delay_seconds: float = Field(5.0, ge=0)
     reconcile_every: int = Field(
         24, ge=0, description="reconcile deletions every N syncs of a source (0 = only --full)")
-    lock_ttl_seconds: float = Field(
-        3600, ge=30, description="a run's lease on its source, renewed after every page; a "
-                                 "run that died frees the source after this long")
+    lease_ttl_seconds: float = Field(
+        120, ge=10, validation_alias=AliasChoices("lease_ttl_seconds", "lock_ttl_seconds"),
+        description="a run's lease on its source, renewed by a heartbeat every ttl/3 while "
+                    "the run lives; a run that died where it cannot be proven dead (another "
+                    "host, no Prefect API) frees the source after this long "
+                    "(old name: lock_ttl_seconds)")
+    index_lock_timeout_seconds: float = Field(
+        600, ge=0, description="embedded index only (no chroma.url): how long a run waits "
+                               "for another process's run to release the index before it "
+                               "is refused")
 
 
 class DeploymentSettings(_Model):
@@ -336,7 +344,9 @@ class ConfluenceSource(_Model):
     attachment_max_bytes: int = Field(10_000_000, ge=1)
     resolve_mentions: bool = Field(True, description="look up names of mentioned users")
     max_retries: int = Field(5, ge=0, le=50, description="retries of one request")
-    retry_after_max_seconds: float = Field(60.0, ge=0, description="cap on Retry-After")
+    retry_after_max_seconds: float = Field(
+        60.0, ge=0, description="cap on Retry-After (also read as max_retry_after_seconds)",
+        validation_alias=AliasChoices("retry_after_max_seconds", "max_retry_after_seconds"))
     backoff_initial_seconds: float = Field(1.0, ge=0)
     backoff_max_seconds: float = Field(30.0, ge=0)
     timeout_seconds: float = Field(60.0, gt=0)
@@ -419,6 +429,8 @@ class GitLabSource(_Model):
     page_size: int = Field(100, ge=1, le=100, description="items per API page and per sync page")
     max_retries: int = Field(5, ge=0, description="python-gitlab retries of 429/5xx/timeouts")
     timeout_seconds: float = Field(60, gt=0)
+    max_retry_after_seconds: float = Field(
+        60.0, gt=0, description="longest Retry-After / RateLimit-Reset wait (cut and counted)")
     clone_url: str | None = Field(
         None, description="clone URL template ({path}, {id}); default http_url_to_repo")
     ssl_verify: bool | str = Field(True, description="false, or a CA bundle path")
@@ -444,6 +456,7 @@ class GitLabSource(_Model):
                 max_file_bytes=self.max_file_bytes, overlap_minutes=self.overlap_minutes,
                 include_confidential=self.include_confidential, page_size=self.page_size,
                 max_retries=self.max_retries, timeout_seconds=self.timeout_seconds,
+                max_retry_after_seconds=self.max_retry_after_seconds,
                 clone_url=self.clone_url, ssl_verify=self.ssl_verify,
             ),
             data_dir=settings.data_dir,
@@ -475,6 +488,8 @@ class JiraSource(_Model):
         120.0, gt=0, description="longest wait between retries (keep >= 2 x Retry-After)")
     backoff_seconds: float = Field(2.0, ge=0, description="first 5xx backoff, doubled each try")
     timeout_seconds: float = Field(30.0, gt=0)
+    max_retry_after_seconds: float = Field(
+        60.0, gt=0, description="longest wait of any retry: Retry-After, connection backoff")
     schedule: str | None = Field(None, description="cron for scheduled syncs")
 
     @model_validator(mode="after")
@@ -497,6 +512,7 @@ class JiraSource(_Model):
             page_size=self.page_size, comment_page_size=self.comment_page_size,
             max_retries=self.max_retries, max_retry_delay=self.max_retry_delay_seconds,
             backoff_seconds=self.backoff_seconds, timeout=self.timeout_seconds,
+            max_retry_after_seconds=self.max_retry_after_seconds,
         ))
 
 

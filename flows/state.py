@@ -11,15 +11,27 @@ Tables:
     ``document_issues``  one row per (source, document) that was skipped or failed,
                  with the reason and how many runs saw it; removed when the document
                  is indexed or deleted.
-    ``source_locks``  one row per source being synced: a lease (owner, expiry) so that
-                 two runs of one source never interleave, whichever way they were
+    ``source_locks``  one row per source being synced: a lease (owner, since, expiry) so
+                 that two runs of one source never interleave, whichever way they were
                  started (a deployment, the nightly ``sync-all``, a backfill, the CLI).
+                 The owner names the run's Prefect flow run, host and process
+                 (:func:`lease_owner`); a holder that is provably gone (its process is
+                 dead on this host, or its flow run is in a final state) is taken over
+                 at once, any other after its short TTL, which a live run's
+                 :class:`LeaseHeartbeat` keeps renewing.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
-from collections.abc import Iterable
+import logging
+import os
+import re
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,6 +54,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.types import TypeDecorator
+
+log = logging.getLogger(__name__)
 
 
 class UTCDateTime(TypeDecorator):
@@ -104,12 +118,49 @@ class LockRow(Base):
 
 @dataclass(frozen=True)
 class SourceLock:
-    """Who holds a source's lease, and until when (aware UTC)."""
+    """Who holds a source's lease, since when and until when (aware UTC).
+
+    ``owner`` is ``"<run>@<host>:<pid>"`` (see :func:`lease_owner`), where ``<run>`` is
+    the Prefect flow run id (a UUID) or ``local-<hex>`` for a run outside any flow run.
+    Owners written by older versions (``<hex>@<host>:<pid>``) parse the same way.
+    """
 
     name: str
     owner: str
     acquired_at: datetime
     expires_at: datetime
+
+    def _parts(self) -> tuple[str, str | None, int | None]:
+        match = re.fullmatch(r"(?P<run>[^@]*)@(?P<host>.*):(?P<pid>\d+)", self.owner)
+        if match is None:
+            return self.owner, None, None
+        return match["run"], match["host"], int(match["pid"])
+
+    @property
+    def host(self) -> str | None:
+        """The holder's host name, or None for an owner in another format."""
+        return self._parts()[1]
+
+    @property
+    def pid(self) -> int | None:
+        """The holder's process id on :attr:`host`."""
+        return self._parts()[2]
+
+    @property
+    def flow_run_id(self) -> str | None:
+        """The holder's Prefect flow run id, or None when it ran outside a flow run."""
+        run = self._parts()[0]
+        try:
+            return str(uuid.UUID(run)) if "-" in run else None
+        except ValueError:
+            return None
+
+    def describe(self) -> str:
+        """``flow run <id> on <host> (pid <pid>) since <time> UTC, lease until <time> UTC``."""
+        who = f"flow run {self.flow_run_id}" if self.flow_run_id else "a run"
+        where = f" on {self.host} (pid {self.pid})" if self.host else f" ({self.owner})"
+        return (f"{who}{where} since {self.acquired_at:%Y-%m-%d %H:%M:%S} UTC, lease until "
+                f"{self.expires_at:%Y-%m-%d %H:%M:%S} UTC")
 
 
 @dataclass(frozen=True)
@@ -300,13 +351,17 @@ class StateStore:
 
     # -------------------------------------------------------------------- locks
 
-    def acquire_lock(self, name: str, owner: str, ttl_seconds: float) -> SourceLock | None:
+    def acquire_lock(self, name: str, owner: str, ttl_seconds: float,
+                     holder_gone: Callable[[SourceLock], str | None] | None = None,
+                     ) -> SourceLock | None:
         """Take the lease on source ``name`` for ``ttl_seconds``.
 
-        Succeeds when nobody holds it, when the holder's lease expired (a run that died
-        without releasing it), or when ``owner`` already holds it. Atomic on SQLite and
+        Succeeds when nobody holds it, when the holder's lease expired, when ``owner``
+        already holds it, or when ``holder_gone(holder)`` returns a reason (the holder
+        is provably dead: see :func:`lease_holder_gone`). Atomic on SQLite and
         PostgreSQL: a conditional ``UPDATE``, else an ``INSERT`` that a concurrent
-        winner makes fail on the primary key.
+        winner makes fail on the primary key; a takeover is an ``UPDATE`` conditioned on
+        the dead holder's owner and ``acquired_at``, so two runs never both win it.
 
         Returns:
             ``None`` when the lease is now ``owner``'s; otherwise the current holder's
@@ -330,8 +385,20 @@ class StateStore:
         except IntegrityError:
             holder = self.lock(name)
             if holder is None:  # released between our two statements: try once more
-                return self.acquire_lock(name, owner, ttl_seconds)
+                return self.acquire_lock(name, owner, ttl_seconds, holder_gone)
+        reason = holder_gone(holder) if holder_gone is not None else None
+        if reason is None:
             return holder
+        with self.engine.begin() as conn:
+            taken = conn.execute(
+                update(LockRow)
+                .where(LockRow.name == name, LockRow.owner == holder.owner,
+                       LockRow.acquired_at == holder.acquired_at)
+                .values(owner=owner, acquired_at=now, expires_at=until))
+        if taken.rowcount == 1:
+            log.warning("took over the lease on %r from %s: %s", name, holder.describe(), reason)
+            return None
+        return self.lock(name) or self.acquire_lock(name, owner, ttl_seconds, holder_gone)
 
     def renew_lock(self, name: str, owner: str, ttl_seconds: float) -> bool:
         """Extend ``owner``'s lease to ``ttl_seconds`` from now; False if it is not
@@ -343,10 +410,19 @@ class StateStore:
                                .values(expires_at=until))
             return res.rowcount == 1
 
-    def release_lock(self, name: str, owner: str) -> None:
-        """Give the lease back (only ``owner``'s; another holder's is left alone)."""
+    def release_lock(self, name: str, owner: str | None = None) -> SourceLock | None:
+        """Give the lease back: only ``owner``'s (another holder's is left alone), or
+        whoever holds it when ``owner`` is None (``kbsync unlock``). Returns the lease
+        that was released, or None when there was none to release."""
         with self.engine.begin() as conn:
-            conn.execute(delete(LockRow).where(LockRow.name == name, LockRow.owner == owner))
+            row = conn.execute(select(LockRow).where(LockRow.name == name)).first()
+            if row is None or (owner is not None and row.owner != owner):
+                return None
+            gone = conn.execute(delete(LockRow).where(LockRow.name == name,
+                                                      LockRow.owner == row.owner))
+            if gone.rowcount != 1:
+                return None
+            return SourceLock(row.name, row.owner, row.acquired_at, row.expires_at)
 
     def lock(self, name: str) -> SourceLock | None:
         """The current lease on ``name``, expired or not; None when there is none."""
@@ -355,3 +431,135 @@ class StateStore:
             if row is None:
                 return None
             return SourceLock(row.name, row.owner, row.acquired_at, row.expires_at)
+
+    def locks(self) -> dict[str, SourceLock]:
+        """Every lease held now (expired ones included), by source name."""
+        with Session(self.engine) as session:
+            return {r.name: SourceLock(r.name, r.owner, r.acquired_at, r.expires_at)
+                    for r in session.scalars(select(LockRow))}
+
+
+# ---------------------------------------------------------------------------- leases
+
+
+def lease_owner(flow_run_id: str | None = None) -> str:
+    """The owner string of a run in this process: ``"<run>@<host>:<pid>"``, where
+    ``<run>`` is ``flow_run_id`` (a Prefect flow run UUID) or ``local-<hex>``."""
+    run = flow_run_id or f"local-{uuid.uuid4().hex}"
+    return f"{run}@{socket.gethostname()}:{os.getpid()}"[:200]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def _flow_run_final(flow_run_id: str, timeout: float) -> str | None:
+    """The final state name of the Prefect flow run, or None (not final, not found,
+    or the API did not answer within ``timeout`` seconds).
+
+    Reads ``GET /flow_runs/{id}`` through Prefect's client
+    (https://docs.prefect.io/v3/api-ref/rest-api/server/flow-runs/read-flow-run); only
+    when a Prefect API is configured or a flow run context exists, so it never starts
+    an ephemeral server nor blocks a run for longer than ``timeout``.
+    """
+    result: dict[str, str | None] = {}
+
+    def query() -> None:
+        try:
+            from prefect.client.orchestration import get_client
+            from prefect.context import FlowRunContext
+            from prefect.settings import PREFECT_API_URL
+
+            if not PREFECT_API_URL.value() and FlowRunContext.get() is None:
+                return
+            with get_client(sync_client=True) as client:
+                run = client.read_flow_run(uuid.UUID(flow_run_id))
+            if run.state is not None and run.state.is_final():
+                result["state"] = run.state.name
+        except Exception as exc:  # noqa: BLE001 - unknown means "not provably gone"
+            log.debug("could not read flow run %s: %s", flow_run_id, exc)
+
+    # the caller's context (its flow run, a temporary server's API URL) goes along
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(query,),
+                              daemon=True, name="kbsync-lease-check")
+    worker.start()
+    worker.join(timeout)
+    return result.get("state")
+
+
+def lease_holder_gone(holder: SourceLock, *, prefect_timeout: float = 5.0) -> str | None:
+    """Why ``holder`` is provably gone, or None when it may still be running.
+
+    Gone means: it runs on this host and its process is not alive; or its Prefect
+    flow run is in a final state (Completed, Failed, Crashed, Cancelled). Anything
+    uncertain (another host, no API, an unknown run) is not gone: the TTL decides.
+    """
+    if holder.host == socket.gethostname() and holder.pid is not None:
+        if holder.pid != os.getpid() and not _pid_alive(holder.pid):
+            return f"its process {holder.pid} on {holder.host} is not running"
+    if holder.flow_run_id:
+        final = _flow_run_final(holder.flow_run_id, prefect_timeout)
+        if final is not None:
+            return f"its flow run {holder.flow_run_id} is {final}"
+    return None
+
+
+class LeaseLost(Exception):
+    """The run's lease expired (its heartbeat could not renew it in time) and another
+    run took it; the run stops so that two runs never interleave."""
+
+
+class LeaseHeartbeat:
+    """Keeps a run's lease alive from a daemon thread: renews it every ``ttl/3``
+    seconds while the run lives, so a live run never loses it, however long one page
+    takes, and a dead one frees its source after ``ttl`` at most.
+
+    Args:
+        state: the state store holding the lease.
+        name: the source.
+        owner: the lease's owner (:func:`lease_owner`).
+        ttl_seconds: the lease's TTL.
+
+    Use as a context manager; :meth:`check` raises :class:`LeaseLost` once a renewal
+    found the lease taken by another run.
+    """
+
+    def __init__(self, state: StateStore, name: str, owner: str, ttl_seconds: float) -> None:
+        self.state, self.name, self.owner, self.ttl = state, name, owner, ttl_seconds
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True,
+                                        name=f"kbsync-lease-{name}")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                if not self.state.renew_lock(self.name, self.owner, self.ttl):
+                    self.lost = True
+                    log.error("the lease on %r was taken by another run", self.name)
+                    return
+            except Exception as exc:  # noqa: BLE001 - a database hiccup: try next beat
+                log.warning("could not renew the lease on %r: %s", self.name, exc)
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLost` when the lease is not this run's any more."""
+        if self.lost:
+            raise LeaseLost(f"the lease on {self.name!r} expired during this run and another "
+                            "run took it; stopping (the state database was unreachable for "
+                            "longer than sync.lease_ttl_seconds?)")
+
+    def __enter__(self) -> LeaseHeartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -39,6 +39,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
 from connectors.base import (
+    ENTITY_TITLE,
     Checkpoint,
     ConnectorError,
     Document,
@@ -47,13 +48,14 @@ from connectors.base import (
     Page,
     SourceConnector,
     TransientSourceError,
+    cursor_may_advance,
     utc,
 )
 from connectors.chroma import ChromaStore, IndexedDocument
 from connectors.lexical import LexicalIndex
 from flows.embed import apply_batch, embed_remote, open_collection, open_lexical
 from flows.settings import Settings, load_settings
-from flows.state import StateStore
+from flows.state import LeaseHeartbeat, StateStore, lease_holder_gone, lease_owner
 from transforms.batches import ChunkBatch
 from transforms.chunking import Chunk, ChunkingConfig, chunk_document
 from transforms.embedding import Embedder, load_embedder, resolve_model
@@ -135,8 +137,8 @@ class Pipeline:
                  embed_parameters: dict[str, Any] | None = None) -> None:
         self.settings = settings
         self.embed_parameters = embed_parameters or {}
-        #: ``(owner, ttl_seconds)`` of the run's lease on its source, renewed per page
-        self.lock: tuple[str, float] | None = None
+        #: the run's lease on its source, kept alive by its heartbeat thread
+        self.lease: LeaseHeartbeat | None = None
         self.state = StateStore(settings.resolved_state_url)
         self.model_name, _ = resolve_model(settings.embedding.model)
         self._embedder: Embedder | None = None
@@ -259,6 +261,25 @@ def chunk_metadata(doc: Document, doc_hash: str, chunk: Chunk, chunk_count: int)
     }
 
 
+#: The reason recorded for a document that chunks to nothing.
+NO_TEXT_REASON = "no text after conversion"
+
+
+def nothing_to_index(doc: Document, chunks: list[Chunk]) -> DocumentIssue | None:
+    """The ``skipped`` issue of a document with nothing to index, else None.
+
+    One rule for every source: a document whose text chunks to nothing (a Confluence
+    page of headings over macros, an empty file, an issue with no description) is
+    recorded as skipped with :data:`NO_TEXT_REASON`, counted as skipped, and removed from
+    the index if an earlier version was in it — not indexed by its title alone (the
+    title is in every chunk's metadata and a title-only chunk matches queries about the
+    title's words without holding an answer), and never counted as added.
+    """
+    if chunks:
+        return None
+    return DocumentIssue(doc.id, NO_TEXT_REASON, "skipped", doc.title)
+
+
 @task(name="index-page", cache_policy=NO_CACHE)
 def index_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> list[DocumentIssue]:
     """Make one page durable in the index; returns the documents that failed.
@@ -292,6 +313,10 @@ def index_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> list[Doc
             except Exception as exc:  # noqa: BLE001 - one bad document must not stop the run
                 failures.append(DocumentIssue(doc.id, f"chunking failed: {type(exc).__name__}: {exc}",
                                               "failed", doc.title))
+                continue
+            if (empty := nothing_to_index(doc, chunks)) is not None:
+                skipped.append(empty)
+                gone_ids.append(doc.id)
                 continue
             planned.append((doc, doc_hash, chunks, before))
 
@@ -378,13 +403,49 @@ class SourceBusy(Exception):
 
 def _lock_owner() -> str:
     """Who a run is: its Prefect flow run id when there is one, plus host and process."""
-    import os
-    import socket
-    import uuid
-
     ctx = FlowRunContext.get()
-    run = str(ctx.flow_run.id) if ctx is not None and ctx.flow_run is not None else uuid.uuid4().hex
-    return f"{run}@{socket.gethostname()}:{os.getpid()}"[:200]
+    run = str(ctx.flow_run.id) if ctx is not None and ctx.flow_run is not None else None
+    return lease_owner(run)
+
+
+class IndexBusy(Exception):
+    """Another process holds the embedded index (``<data_dir>/chroma``) and did not
+    release it within ``sync.index_lock_timeout_seconds``; this run did nothing."""
+
+
+@contextmanager
+def index_lock(settings: Settings) -> Iterator[None]:
+    """Hold the embedded index's data-dir lock (``<data_dir>/chroma.lock``, an OS file
+    lock via ``filelock``, released by the OS when the process dies) while a run
+    writes. Chroma's ``PersistentClient`` is not process-safe
+    (https://github.com/chroma-core/chroma/issues/421): two processes writing one
+    directory can corrupt it, so runs of different sources serialize here. A Chroma
+    server (``chroma.url``) needs no lock: nothing is taken then.
+
+    Raises:
+        IndexBusy: not released by the other process within the timeout.
+    """
+    if settings.chroma.url:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    path = settings.chroma_path.with_name(settings.chroma_path.name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    timeout = settings.sync.index_lock_timeout_seconds
+    try:
+        lock.acquire(timeout=timeout, poll_interval=0.25)
+    except Timeout:
+        raise IndexBusy(
+            f"the embedded index at {settings.chroma_path} is in use by another process's "
+            f"run (waited {timeout:g} s, sync.index_lock_timeout_seconds); the embedded store "
+            "takes one writing process at a time: to sync several sources at once in several "
+            "processes, run a Chroma server and set chroma.url; nothing was done") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def run_sync(settings: Settings, source: str, *, full: bool = False,
@@ -411,7 +472,12 @@ def run_sync(settings: Settings, source: str, *, full: bool = False,
         flows.settings.ConfigError: unknown source.
         ConnectorError: the source cannot be read at all.
         connectors.chroma.EmbeddingModelMismatch: the collection holds another model.
-        SourceBusy: another run of ``source`` holds its lease; nothing was done.
+        SourceBusy: another run of ``source`` holds its lease and is not provably gone;
+            nothing was done.
+        IndexBusy: (embedded index) another process's run held the index longer than
+            ``sync.index_lock_timeout_seconds``; nothing was done.
+        flows.state.LeaseLost: the lease was lost mid-run (the heartbeat could not renew
+            it); the run stopped after its last durable page.
         flows.embed.RemoteEmbedError: (remote mode) an embed run did not complete; the
             cursor stays and the staged batch is kept.
     """
@@ -419,21 +485,24 @@ def run_sync(settings: Settings, source: str, *, full: bool = False,
     connector = connector or source_settings.build(settings)
     pipeline = pipeline or Pipeline(settings, embed_parameters=embed_parameters)
     owner = _lock_owner()
-    holder = pipeline.state.acquire_lock(source, owner, settings.sync.lock_ttl_seconds)
+    ttl = settings.sync.lease_ttl_seconds
+    holder = pipeline.state.acquire_lock(source, owner, ttl, holder_gone=lease_holder_gone)
     if holder is not None:
         pipeline.close()
         _close(connector)
-        raise SourceBusy(f"source {source!r} is being synced by another run ({holder.owner}, "
-                         f"lease until {holder.expires_at:%Y-%m-%d %H:%M:%S} UTC); "
-                         "nothing was done")
-    pipeline.lock = (owner, settings.sync.lock_ttl_seconds)
+        raise SourceBusy(f"source {source!r} is being synced by another run "
+                         f"({holder.describe()}); nothing was done (`kbsync unlock {source}` "
+                         "releases it if that run is known to be gone)")
     since_dt, until_dt = _parse_time(since), _parse_time(until)
     summary = SyncSummary(source=source,
                           mode="backfill" if since_dt else "full" if full else "incremental")
     try:
-        with summary.timed("total"):
-            _run(pipeline, connector, summary, full=full, since=since_dt, until=until_dt,
-                 force_reconcile=reconcile)
+        with LeaseHeartbeat(pipeline.state, source, owner, ttl) as lease, \
+                index_lock(settings):
+            pipeline.lease = lease
+            with summary.timed("total"):
+                _run(pipeline, connector, summary, full=full, since=since_dt, until=until_dt,
+                     force_reconcile=reconcile)
     except BaseException as exc:
         summary.status = "failed"
         summary.error = f"{type(exc).__name__}: {exc}"
@@ -489,9 +558,8 @@ def _run(pipeline: Pipeline, connector: SourceConnector, summary: SyncSummary, *
         state.save_checkpoint(summary.source, request.key(), page.checkpoint)
         reader.checkpoint = page.checkpoint
         page_log.page(page, failed=len(page_failures))
-        if pipeline.lock is not None and not state.renew_lock(summary.source, *pipeline.lock):
-            raise SourceBusy(f"the lease on {summary.source!r} expired during this run and "
-                             "another run took it; stopping (raise sync.lock_ttl_seconds)")
+        if pipeline.lease is not None:  # renewed by its heartbeat thread
+            pipeline.lease.check()
         if page.cursor is not None:  # the last page: the source has nothing more
             final_cursor = page.cursor
             break
@@ -503,20 +571,31 @@ def _run(pipeline: Pipeline, connector: SourceConnector, summary: SyncSummary, *
         reconciled = reconcile(pipeline, connector, summary)
     summary.reconciled = reconciled
 
-    advance = not since and not failed and final_cursor is not None
+    advance = not since and cursor_may_advance(final_cursor, failed)  # the one rule
     summary.cursor = final_cursor if advance else before.cursor
     summary.cursor_advanced = advance and final_cursor != before.cursor
     summary.status = "completed" if not failed else "completed_with_failures"
     if failed:
-        logger.warning("%d document(s) failed; the cursor stays at %s", len(failed), before.cursor)
+        logger.warning("%d document(s) or entities failed; the cursor %s", len(failed),
+                       "holds them back" if advance else f"stays at {before.cursor}")
     state.finish_run(summary.source, status=summary.status, summary=summary.to_dict(),
                      cursor=final_cursor, advance_cursor=advance, reconciled=reconciled)
+    if final_cursor is not None:
+        _clear_recovered_entities(state, summary.source, failed)
     page_log.finish()
     if final_cursor is not None or (since and not failed):
         # The read reached its end: nothing is left to resume. Keeping the end checkpoint
         # after a failure would make the next run (same cursor, same request) resume
         # *after* the failed document and never retry it.
         state.clear_checkpoint(summary.source)
+
+
+def _clear_recovered_entities(state, source: str, failed: list[DocumentIssue]) -> None:
+    """After a complete read, forget entity failures (a project, a space) that this run
+    did not report again: the entity was read."""
+    now = {f.doc_id for f in failed}
+    state.clear_issues(source, [i.doc_id for i in state.issues(source, "failed")
+                                if i.title.startswith(ENTITY_TITLE) and i.doc_id not in now])
 
 
 def _plural(n: int, word: str) -> str:

@@ -213,8 +213,8 @@ def test_first_read_returns_all_four_parts(fake, remote, tmp_path):
 
     cursor = pages[-1].cursor["projects"][PROJECT]
     assert cursor["code"] == {"commit": remote.head}
-    assert parse_time(cursor["issues"]) == parse_time("2024-04-12T10:05:00.000Z")
-    assert parse_time(cursor["merge_requests"]) == parse_time("2024-04-18T12:00:00.000Z")
+    assert parse_time(cursor["issues"]["updated"]) == parse_time("2024-04-12T10:05:00.000Z")
+    assert parse_time(cursor["merge_requests"]["updated"]) == parse_time("2024-04-18T12:00:00.000Z")
     assert set(cursor["wiki"]) == {"home", "runbooks/rollback", "registry-access"}
     assert all(p.cursor is None for p in pages[:-1])
 
@@ -254,13 +254,18 @@ def test_incremental_read_asks_for_updates_since_cursor_minus_overlap(fake, tmp_
     issue_list = fake.requests_to(r"/projects/4242/issues$")[0]
     assert parse_time(issue_list.args["updated_after"]) == \
         parse_time("2024-04-12T10:05:00.000Z") - timedelta(minutes=30)
-    # the old issue with the new note, and #4 again (its update is inside the overlap)
-    assert set(docs) == {"gl:platform/deploy-tools#1", "gl:platform/deploy-tools#4",
-                         "gl:platform/deploy-tools!2"}
+    # the old issue with the new note; #4 and !2 are listed again (their updates are
+    # inside the overlap) but the watermark read them at this very updated_at: boundary
+    # de-duplication, so their discussions are not fetched again (issue 14)
+    assert set(docs) == {"gl:platform/deploy-tools#1"}
+    assert fake.requests_to(r"/issues/1/discussions$")
+    assert not fake.requests_to(r"/issues/4/discussions$")
+    assert not fake.requests_to(r"/merge_requests/2/discussions$")
+    assert conn.stats["skipped_seen"] == 2
     assert "Fixed for good" in docs["gl:platform/deploy-tools#1"].text
     assert deletions == [] and issues == {}
     new = pages[-1].cursor["projects"][PROJECT]
-    assert parse_time(new["issues"]) == parse_time(gitlab_time(when))
+    assert parse_time(new["issues"]["updated"]) == parse_time(gitlab_time(when))
     assert new["code"] == cursor["projects"][PROJECT]["code"]
     assert new["wiki"] == cursor["projects"][PROJECT]["wiki"]
 
@@ -338,7 +343,7 @@ def test_item_updated_while_listing_holds_the_cursor_for_the_item_shifted_past(f
     fake._respond = respond_and_update_after_first_page
     pages, docs, _, _ = read(conn)
     assert "gl:platform/deploy-tools#4" not in docs  # shifted onto page 1 after it was read
-    held = pages[-1].cursor["projects"][PROJECT]["issues"]
+    held = pages[-1].cursor["projects"][PROJECT]["issues"]["updated"]
     assert parse_time(held) == parse_time("2024-04-01T00:00:00.000Z")  # #3's first position
 
     _, again, _, _ = read(conn, FetchRequest(cursor=pages[-1].cursor))
@@ -359,6 +364,21 @@ def test_rate_limit_429_honours_retry_after_and_ratelimit_reset(fake, tmp_path):
     assert [r.status for r in mrs] == [429, 200]
     assert mrs[1].at >= reset - 0.01  # not before RateLimit-Reset
     assert len(docs) == 5
+
+
+def test_a_long_retry_after_is_capped_and_counted(fake, tmp_path):
+    """python-gitlab sleeps for any Retry-After; the HTTP layer cuts it to the cap."""
+    fake.fail(r"/issues$", 429, times=1, headers={"Retry-After": "3600"},
+              body={"message": "429 Too Many Requests"})
+    conn = make_connector(fake, tmp_path, parts=["issues"], max_retry_after_seconds=1)
+    started = time.monotonic()
+    _, docs, _, _ = read(conn)
+    assert time.monotonic() - started < 30  # not an hour
+    issues = fake.requests_to(r"/issues$")
+    assert [r.status for r in issues] == [429, 200]
+    assert 1.0 <= issues[1].at - issues[0].at < 10
+    assert conn.stats["throttled"] == 1 and conn.stats["capped"] == 1
+    assert "gl:platform/deploy-tools#1" in docs
 
 
 def test_server_errors_are_retried_with_backoff(fake, tmp_path):
@@ -391,7 +411,7 @@ def test_failed_item_is_recorded_and_the_cursor_does_not_pass_it(fake, tmp_path)
     failed = issues["gl:platform/deploy-tools#1"]
     assert failed.kind == "failed" and "500" in failed.reason and fake.token not in failed.reason
     assert {"gl:platform/deploy-tools#2", "gl:platform/deploy-tools#4"} <= set(docs)
-    held = pages[-1].cursor["projects"][PROJECT]["issues"]
+    held = pages[-1].cursor["projects"][PROJECT]["issues"]["updated"]
     assert parse_time(held) == parse_time("2024-04-03T14:20:45.100Z")  # #1's updated_at
 
 
@@ -552,8 +572,69 @@ def test_flow_failed_item_keeps_the_cursor_until_it_succeeds(fake, tmp_path):
     assert second["status"] == "completed" and second["documents_added"] == 1
     assert "gl:platform/deploy-tools#4" in chunks_by_doc(settings)
     assert state.issues("gl", kind="failed") == []
-    assert parse_time(state.get("gl").cursor["projects"][PROJECT]["issues"]) == \
+    assert parse_time(state.get("gl").cursor["projects"][PROJECT]["issues"]["updated"]) == \
         parse_time("2024-04-12T10:05:00.000Z")
+
+
+def test_an_entity_failure_is_reported_again_after_a_resume(fake, tmp_path):
+    """A run resumed from a checkpoint still reports the entities that failed before it
+    (the run that finishes the read decides what the cursor may do with them)."""
+    fake.fail(r"/projects/platform%2Fsecret$", 403, times=None, body={"message": "403 Forbidden"})
+    options = {"parts": ["issues", "merge_requests"], "page_size": 1,
+               "projects": [PROJECT, "platform/secret"]}
+    pages, _, issues, _ = read(make_connector(fake, tmp_path, **options))
+    assert issues["gl:platform/secret"].scope == "entity"
+    assert len(pages) > 2
+    resumed, _, again, _ = read(make_connector(fake, tmp_path, **options),
+                                checkpoint=pages[1].checkpoint)
+    assert "gl:platform/secret" in {i.doc_id for i in resumed[-1].issues}
+    assert again["gl:platform/secret"].scope == "entity"
+
+
+def test_flow_an_unreadable_project_fails_alone_and_its_cursor_holds(fake, remote, tmp_path):
+    """Issue 13 item 3: one project refused (403), one whose branch does not exist and
+    one that cannot be read at all are failed entities with their reasons; the readable
+    project is synced and its cursor moves; theirs hold until they can be read."""
+    base = json.loads((FIXTURES / "project.json").read_text())
+    for pid, path in [(5001, "platform/locked"), (5002, "platform/nobranch"),
+                      (5003, "platform/secret")]:
+        fake.add_project({**base, "id": pid, "path_with_namespace": path,
+                          "web_url": f"https://gitlab.example.com/{path}",
+                          "default_branch": "does-not-exist" if pid == 5002 else "main"},
+                         clone_url=remote.url)
+        fake.add_item(pid, "issues", 1, f"First issue of {path}", when=days_ago(3))
+    locked = fake.fail(r"/projects/5001/issues$", 403, times=None,
+                       body={"message": "403 Forbidden"})
+    gone = fake.fail(r"/projects/platform%2Fsecret$", 403, times=None,
+                     body={"message": "403 Forbidden"})
+    settings = gitlab_settings(tmp_path, fake, parts=["code", "issues"], projects=[
+        PROJECT, "platform/locked", "platform/nobranch", "platform/secret"])
+    first = sync(settings)
+    state = StateStore(settings.resolved_state_url)
+    assert first["status"] == "completed_with_failures"
+    failures = {i.doc_id: i for i in state.issues("gl", kind="failed")}
+    assert set(failures) == {"gl:platform/locked:issues", "gl:platform/nobranch:code",
+                             "gl:platform/secret"}
+    assert "403" in failures["gl:platform/locked:issues"].reason
+    assert "does-not-exist" in failures["gl:platform/nobranch:code"].reason
+    assert "platform/secret" in failures["gl:platform/secret"].reason
+    assert fake.token not in " ".join(f.reason for f in failures.values())
+    cursor = state.get("gl").cursor["projects"]  # moved for what was read ...
+    assert parse_time(cursor[PROJECT]["issues"]["updated"]) == \
+        parse_time("2024-04-12T10:05:00.000Z")
+    assert cursor[PROJECT]["code"] == {"commit": remote.head}
+    assert "issues" not in cursor["platform/locked"]  # ... and held for what was not
+    assert "code" not in cursor["platform/nobranch"] and "platform/secret" not in cursor
+    indexed = chunks_by_doc(settings)
+    assert "gl:platform/deploy-tools#1" in indexed and "gl:platform/nobranch#1" in indexed
+    assert "gl:platform/locked#1" not in indexed
+
+    fake.faults.remove(locked)
+    fake.faults.remove(gone)
+    second = sync(settings)
+    assert {"gl:platform/locked#1", "gl:platform/secret#1"} <= set(chunks_by_doc(settings))
+    assert {i.doc_id for i in state.issues("gl", kind="failed")} == {"gl:platform/nobranch:code"}
+    assert second["status"] == "completed_with_failures"
 
 
 # --------------------------------------------------------------------- settings

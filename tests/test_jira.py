@@ -188,6 +188,38 @@ def test_cloud_uses_next_page_token_and_converts_adf(httpserver):
     assert pages[-1].cursor["updated"] == "2025-01-22T09:00:00.000+00:00"
 
 
+def test_expired_cloud_page_token_restarts_the_read_from_the_watermark(httpserver):
+    """A checkpoint's nextPageToken that Jira Cloud refuses (HTTP 400, Jira's error
+    shape) restarts the search at the watermark saved with it: the issue read before
+    the checkpoint is not read again, the ones after it are all read."""
+    base = cloud_issues()[0]
+    issues = []
+    for n, day in ((1, 20), (2, 21), (3, 22)):
+        issue = json.loads(json.dumps(base))
+        issue.update(key=f"DATA-{n}", id=str(30000 + n))
+        issue["fields"]["updated"] = f"2025-01-{day}T09:00:00.000+0000"
+        issues.append(issue)
+    fake = FakeJira(httpserver, issues, cloud=True)
+    connector = make_connector(fake, jql="project = DATA", email="me@example.com",
+                               api_token=TOKEN, api_version=3, page_size=1, overlap_minutes=10)
+    first = next(iter(connector.fetch(FetchRequest())))
+    assert [d.id for d in first.documents] == ["jira:DATA-1"]
+    assert first.checkpoint["token"]
+    fake.calls.clear()
+    fake.fail("search", 400, body={"errorMessages": [
+        "The provided next page token is invalid or expired."], "errors": {}})
+    resumed = drain(connector, checkpoint=first.checkpoint)
+    assert [d.id for p in resumed for d in p.documents] == ["jira:DATA-2", "jira:DATA-3"]
+    searches = fake.kinds("search")
+    assert searches[0].arg("nextPageToken") == first.checkpoint["token"]  # refused
+    restarted = searches[1]
+    assert restarted.arg("nextPageToken") is None
+    since = epoch_ms(datetime(2025, 1, 20, 8, 50, tzinfo=UTC))  # DATA-1 - 10 min overlap
+    assert f"updated >= {since}" in restarted.arg("jql")
+    assert resumed[-1].cursor["updated"] == "2025-01-22T09:00:00.000+00:00"
+    assert TOKEN not in json.dumps(resumed[-1].checkpoint)
+
+
 # ------------------------------------------------------------- faults, secrets
 
 
@@ -267,7 +299,7 @@ def test_failed_issue_is_recorded_and_the_cursor_stays_before_it(httpserver):
     assert [(i.doc_id, i.kind) for i in issues] == [("jira:PLAT-1", "failed")]
     assert "HTTP 500" in issues[0].reason
     # PLAT-1 is the oldest issue: nothing before it, so the cursor does not move at all
-    assert pages[-1].cursor == {"updated": None, "seen": {}}
+    assert pages[-1].cursor["updated"] is None and pages[-1].cursor["seen"] == {}
 
 
 def test_failure_in_the_middle_holds_the_cursor_at_the_issue_before(httpserver):
