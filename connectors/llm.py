@@ -25,6 +25,9 @@ What this module adds to the bare client:
   instructions read by a tolerant parser (code fences, leading prose). The JSON schema
   is also written into the prompt in every mode. A reply that is still not valid
   JSON of the requested shape is asked for once more, then :class:`InvalidJSONReply`.
+* **Streaming**: :meth:`LLMClient.chat_stream` passes the answer on piece by piece as the
+  server sends it (``stream: true``), reasoning filtered out while it streams
+  (:class:`transforms.answering.ThinkFilter`).
 * **Context budget**: :func:`fit_contexts` keeps the best-ranked contexts that fit
   ``max_context_tokens - max_reply_tokens``; the question is never cut.
 * **Per-call metrics** (:class:`CallMetrics`: latency, prompt and completion tokens,
@@ -58,6 +61,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from connectors.base import redact
+from transforms.answering import ThinkFilter, is_reasoning_model
 
 log = logging.getLogger(__name__)
 
@@ -611,7 +615,9 @@ class LLMClient:
 
     def _complete(self, purpose: str, messages: list[dict[str, str]], *, preset: str,
                   max_tokens: int | None, seed: int | None,
-                  schema: type[BaseModel] | None) -> Reply:
+                  schema: type[BaseModel] | None,
+                  on_text: Callable[[str], None] | None = None,
+                  hold_reasoning: bool | None = None) -> Reply:
         sampling = self._sampling(preset)
         for endpoint in self._usable():
             try:
@@ -626,6 +632,8 @@ class LLMClient:
                 mode = self.json_mode(endpoint) if schema is not None else None
                 if schema is not None:
                     request.update(_format_request(mode, schema))
+                if on_text is not None:
+                    request["stream"] = True
                 metrics = CallMetrics(purpose=purpose, model=endpoint.model,
                                       endpoint=redact(endpoint.server), json_mode=mode)
                 self.calls.append(metrics)
@@ -633,6 +641,10 @@ class LLMClient:
             except _EndpointDown as exc:
                 self._mark_down(endpoint, str(exc))
                 continue
+            if on_text is not None:
+                hold = is_reasoning_model(endpoint.model) if hold_reasoning is None \
+                    else hold_reasoning
+                return self._read_stream(response, endpoint, metrics, on_text, hold)
             metrics.ok = True
             usage = getattr(response, "usage", None)
             if usage is not None:
@@ -664,6 +676,72 @@ class LLMClient:
         """
         return self._complete(purpose, messages, preset=preset, max_tokens=max_tokens,
                               seed=seed, schema=None)
+
+    def chat_stream(self, messages: list[dict[str, str]], on_text: Callable[[str], None], *,
+                    purpose: str = "chat", preset: str = "factual",
+                    max_tokens: int | None = None, seed: int | None = None,
+                    hold_reasoning: bool | None = None) -> Reply:
+        """Like :meth:`chat`, streamed: ``on_text`` is called with each piece of the
+        answer as the server sends it (``stream: true``), never with ``<think>``
+        reasoning (see :class:`transforms.answering.ThinkFilter`).
+
+        Args:
+            hold_reasoning: show nothing until ``</think>`` (or the end) has been seen;
+                default: when the model's name says it is a reasoning model
+                (:func:`transforms.answering.is_reasoning_model`).
+
+        Returns:
+            The whole reply, as :meth:`chat` does (``text`` without reasoning).
+
+        Raises:
+            LLMUnavailable: no endpoint could be used (nothing was streamed).
+            LLMRequestError: the server refused the request, or the stream broke off.
+        """
+        return self._complete(purpose, messages, preset=preset, max_tokens=max_tokens,
+                              seed=seed, schema=None, on_text=on_text,
+                              hold_reasoning=hold_reasoning)
+
+    def _read_stream(self, stream: Any, endpoint: Endpoint, metrics: CallMetrics,
+                     on_text: Callable[[str], None], hold: bool) -> Reply:
+        """Read a streamed completion, passing the visible text to ``on_text``."""
+        import openai
+
+        shown = ThinkFilter(hold_until_close=hold)
+        parts: list[str] = []
+        finish: str | None = None
+        start = time.perf_counter()
+        try:
+            for chunk in stream:
+                usage = getattr(chunk, "usage", None)
+                if usage is not None:
+                    metrics.prompt_tokens = getattr(usage, "prompt_tokens", None)
+                    metrics.completion_tokens = getattr(usage, "completion_tokens", None)
+                if not chunk.choices:
+                    continue
+                choice = chunk.choices[0]
+                finish = getattr(choice, "finish_reason", None) or finish
+                piece = getattr(choice.delta, "content", None) if choice.delta else None
+                if piece:
+                    parts.append(piece)
+                    visible = shown.feed(piece)
+                    if visible:
+                        on_text(visible)
+        except openai.OpenAIError as exc:
+            metrics.error = f"the stream broke off: {self._describe(exc, endpoint)}"
+            raise LLMRequestError(metrics.error) from None
+        finally:
+            metrics.latency_seconds = round(metrics.latency_seconds + time.perf_counter()
+                                            - start, 4)
+            close = getattr(stream, "close", None)
+            if callable(close):
+                close()
+        rest = shown.end()
+        if rest:
+            on_text(rest)
+        metrics.ok = True
+        raw = "".join(parts)
+        return Reply(text=strip_think(raw), raw=raw, model=endpoint.model,
+                     endpoint=endpoint.label, finish_reason=finish, metrics=metrics)
 
     def chat_json(self, messages: list[dict[str, str]], schema: type[Schema], *,
                   purpose: str = "json", preset: str = "factual",

@@ -5,17 +5,20 @@ Commands:
     kbsync backfill SOURCE --since DATE [--until DATE] [--deployment]
     kbsync status
     kbsync query TEXT [-k N] [--source S]
+    kbsync ask TEXT [-k N] [--source S] [--json] [--standin]
     kbsync deployments [--output PATH]      prefect.yaml for `prefect deploy`
     kbsync serve [DEPLOYMENT...]            serve the deployments with their schedules
     kbsync validate [--sample N] [--seed S] [--standin] | kbsync validate --history
     kbsync llm serve [--port P]
+    kbsync server start [--port P] | kbsync server stop
 
 Global options (before the command): ``--config PATH`` (else ``$KBSYNC_CONFIG``, else
 ``./kbsync.yaml``) and ``--data-dir PATH``.
 
 Exit codes: 0 success; 1 the run failed or some documents failed (for ``validate``: a
 threshold was missed); 2 bad usage or configuration; 3 ``validate`` could not check
-answer quality (no LLM answered) or had nothing to measure. Every failure ends with a
+answer quality (no LLM answered) or had nothing to measure, or ``ask`` found no LLM to
+answer (the sources are printed). Every failure ends with a
 one-line reason on stderr.
 """
 
@@ -32,11 +35,10 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 import flows  # noqa: F401 - sets telemetry-off defaults before prefect is imported
-from connectors.base import ConnectorError
-from connectors.chroma import EmbeddingModelMismatch, StoreError
-from connectors.llm import LLMError
 from flows.settings import ConfigError, Settings, load_settings
-from transforms.embedding import EmbeddingModelError
+
+# Start-up time: a command imports what it needs inside its body (Prefect for flows,
+# chromadb for the index, torch only where a text is encoded), not at module level.
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Keep a team's knowledge indexed in Chroma for a local LLM.")
@@ -74,6 +76,16 @@ def _one_line(exc: BaseException) -> str:
     return text if "\n" not in text or isinstance(exc, ConfigError) else text.splitlines()[0]
 
 
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message is the whole story (no type name needed)."""
+    from connectors.base import ConnectorError
+    from connectors.chroma import EmbeddingModelMismatch, StoreError
+    from connectors.llm import LLMError
+    from transforms.embedding import EmbeddingModelError
+
+    return (ConnectorError, EmbeddingModelMismatch, StoreError, EmbeddingModelError, LLMError)
+
+
 def handle_errors(fn):
     """Turn known failures into a one-line reason and an exit code."""
 
@@ -85,12 +97,11 @@ def handle_errors(fn):
             raise
         except ConfigError as exc:
             raise _fail(str(exc), 2) from None
-        except (ConnectorError, EmbeddingModelMismatch, StoreError, EmbeddingModelError,
-                LLMError) as exc:
-            raise _fail(_one_line(exc)) from None
         except KeyboardInterrupt:
             raise _fail("interrupted", 130) from None
         except Exception as exc:  # noqa: BLE001 - last resort: still one line, non-zero
+            if isinstance(exc, _known_errors()):
+                raise _fail(_one_line(exc)) from None
             raise _fail(f"{type(exc).__name__}: {_one_line(exc)}") from None
 
     return wrapper
@@ -106,6 +117,33 @@ def main_options(
     """kbsync: incremental sync of git, Confluence, Jira and GitLab into Chroma."""
     OPTIONS.config = config
     OPTIONS.data_dir = data_dir
+    _use_local_prefect_server()
+
+
+def _data_dir() -> Path | None:
+    if OPTIONS.data_dir is not None:
+        return OPTIONS.data_dir
+    try:
+        return _settings().data_dir
+    except Exception:  # noqa: BLE001 - the command itself reports bad settings
+        return None
+
+
+def _use_local_prefect_server() -> None:
+    """Point Prefect at the server `kbsync server start` keeps under the data dir when
+    it answers and PREFECT_API_URL is not set (before Prefect is imported)."""
+    import os
+
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    data_dir = _data_dir()
+    if data_dir is None:
+        return
+    from flows.server import running
+
+    record = running(data_dir)
+    if record is not None:
+        os.environ["PREFECT_API_URL"] = record["api_url"]
 
 
 def _progress() -> Progress:
@@ -420,6 +458,103 @@ def query(
         console.print(f"   {snippet}", highlight=False, markup=False)
 
 
+def _start_standin_if_needed(settings: Settings) -> tuple[Any, dict[str, Any]]:
+    """``(server, settings overrides)``: the packaged stand-in started when no configured
+    LLM endpoint answers, else ``(None, {})``."""
+    from connectors.llm import LLMClient, LLMUnavailable, StandinServer
+
+    probe = LLMClient(settings.llm.config())
+    try:
+        endpoint = probe.probe()
+        err_console.print(f"using the configured LLM: {endpoint.label}", highlight=False)
+        return None, {}
+    except LLMUnavailable as exc:
+        err_console.print(f"{exc}\nstarting the packaged stand-in model (SmolLM2-135M; "
+                          "small and often wrong: it checks the pipeline, not the facts)",
+                          highlight=False, markup=False)
+        server = StandinServer(log_path=settings.data_dir / "llm-standin.log")
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        return server, _standin_overrides(server.start())
+    finally:
+        probe.close()
+
+
+def _print_sources(answer: Any) -> None:
+    console.print("\n[bold]sources[/]", highlight=False)
+    for i, hit in enumerate(answer.hits, 1):
+        notes = [str(hit.metadata.get("source", "?"))]
+        if i in answer.cited:
+            notes.append("cited")
+        elif answer.text is not None and i > answer.used:
+            notes.append("did not fit the context window")
+        console.print(f"[bold cyan][{i}][/] [bold]{hit.title}[/]  [dim]({'; '.join(notes)})[/]",
+                      highlight=False)
+        console.print(f"    {hit.url}", style="blue", highlight=False, overflow="fold")
+
+
+@app.command()
+@handle_errors
+def ask(
+    text: Annotated[str, typer.Argument(help="the question (Russian or English)")],
+    k: Annotated[int, typer.Option("-k", "--top-k", min=1, max=50,
+                                   help="chunks to retrieve and give the model")] = 5,
+    source: Annotated[str | None, typer.Option("--source", help="only this source")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object (no "
+                                                         "streaming)")] = False,
+    standin: Annotated[bool, typer.Option(
+        "--standin", help="when no configured LLM endpoint answers, start the packaged "
+                          "SmolLM2-135M stand-in for this question")] = False,
+) -> None:
+    """Answer a question from the index with the LLM, citing its sources [1], [2]
+    (exit 3 when no LLM answers: the sources are still printed)."""
+    import json
+    import sys
+
+    from flows.ask import START_AN_LLM
+    from flows.ask import ask as ask_index
+
+    settings = _settings()
+    server = None
+    if standin:
+        server, extra = _start_standin_if_needed(settings)
+        if extra:
+            settings = _settings(**extra)
+    streamed: list[str] = []
+
+    def show(piece: str) -> None:
+        if not streamed:
+            console.print(f"[bold]{text}[/]\n", highlight=False)
+        streamed.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    try:
+        answer = ask_index(settings, text, k=k, source=source,
+                           on_text=None if as_json else show)
+    finally:
+        if server is not None:
+            server.stop()
+    if as_json:
+        typer.echo(json.dumps(answer.to_dict(), ensure_ascii=False, indent=2))
+    if not answer.hits:
+        raise _fail("the index is empty or nothing matched: run `kbsync sync` first")
+    if not as_json:
+        if streamed:
+            sys.stdout.write("\n")
+        elif answer.text is not None:
+            console.print(f"[bold]{text}[/]\n", highlight=False)
+            console.print(answer.text or "(the model gave no answer)", highlight=False,
+                          markup=False)
+        else:
+            console.print(f"[bold]{text}[/]", highlight=False)
+        _print_sources(answer)
+        if answer.model:
+            console.print(f"[dim]answered by {answer.model} in {answer.seconds['llm']:.1f} s"
+                          "[/]", highlight=False)
+    if answer.text is None:
+        raise _fail(f"no answer: {answer.llm_error}; {START_AN_LLM}", 3)
+
+
 @app.command()
 @handle_errors
 def reindex(
@@ -531,7 +666,8 @@ def _standin_overrides(endpoint: Any) -> dict[str, Any]:
     from connectors.llm import PACKAGED_MODEL_CONTEXT
 
     return {"llm": {"base_url": endpoint.base_url, "model": endpoint.model, "fallbacks": [],
-                    "max_context_tokens": PACKAGED_MODEL_CONTEXT, "max_reply_tokens": 256}}
+                    "max_context_tokens": PACKAGED_MODEL_CONTEXT, "max_reply_tokens": 256,
+                    "standin": True}}
 
 
 @app.command("validate")
@@ -546,31 +682,26 @@ def validate_cmd(
     standin: Annotated[bool, typer.Option(
         "--standin", help="when no configured LLM endpoint answers, start the packaged "
                           "SmolLM2-135M stand-in (llama-cpp-python) for this run")] = False,
+    golden: Annotated[Path | None, typer.Option(
+        "--golden", help="a golden set (YAML) to use instead of validation.golden_set")] = None,
 ) -> None:
     """Spot-check retrieval and answer quality with the LLM (exit 1 failed, 3 unchecked)."""
     settings = _settings()
+    if golden is not None:
+        if not golden.is_file():
+            raise _fail(f"--golden {golden}: no such file", 2)
+        golden = golden.resolve()
     if history:
         _print_history(settings)
         return
-    from connectors.llm import LLMClient, LLMUnavailable, StandinServer
     from flows.validate import report_of, validate
 
     extra: dict[str, Any] = {}
     server = None
     if standin:
-        probe = LLMClient(settings.llm.config())
-        try:
-            endpoint = probe.probe()
-            err_console.print(f"using the configured LLM: {endpoint.label}", highlight=False)
-        except LLMUnavailable as exc:
-            err_console.print(f"{exc}\nstarting the packaged stand-in model (SmolLM2-135M; "
-                              "small and often wrong: it checks the pipeline, not the facts)",
-                              highlight=False, markup=False)
-            server = StandinServer(log_path=settings.data_dir / "llm-standin.log")
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
-            extra = _standin_overrides(server.start())
-        finally:
-            probe.close()
+        server, extra = _start_standin_if_needed(settings)
+    if golden is not None:
+        extra["validation"] = {"golden_set": str(golden)}
     try:
         with _progress() as progress:
             progress.add_task("validating (LLM calls take a while)", total=None)
@@ -585,6 +716,42 @@ def validate_cmd(
     code = STATUS_EXIT[report["status"]]
     if code:
         raise _fail(f"validation {report['status']}: {report['reason']}", code)
+
+
+server_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                         help="A local Prefect server under the data dir (persistent UI, "
+                              "no temporary server per command).")
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("start")
+@handle_errors
+def server_start(
+    port: Annotated[int | None, typer.Option("--port", min=1, max=65535,
+                                             help="default: a free port")] = None,
+) -> None:
+    """Start a real Prefect server kept under <data_dir>/prefect; later kbsync commands
+    run their flows against it (unless PREFECT_API_URL is set)."""
+    from flows import server
+
+    data_dir = _settings().data_dir
+    record = server.start(data_dir, port=port)
+    console.print(f"Prefect server running (pid {record['pid']}): UI {record['ui_url']}\n"
+                  f"kbsync commands with --data-dir {data_dir} use it; other Prefect "
+                  f"clients: export PREFECT_API_URL={record['api_url']}\n"
+                  f"log: {record['log']}; stop it with `kbsync server stop`",
+                  highlight=False, soft_wrap=True)
+
+
+@server_app.command("stop")
+@handle_errors
+def server_stop() -> None:
+    """Stop the Prefect server started by `kbsync server start`."""
+    from flows import server
+
+    if not server.stop(_settings().data_dir):
+        raise _fail("no Prefect server was started under this data dir")
+    console.print("Prefect server stopped")
 
 
 llm_app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -621,7 +788,8 @@ def llm_serve(
         f"serving {path.name} as {name!r} on http://{host}:{port}/v1 — point kbsync at it:\n"
         f"  export KBSYNC_LLM__BASE_URL=http://{host}:{port}/v1 KBSYNC_LLM__MODEL={name} "
         f"KBSYNC_LLM__MAX_CONTEXT_TOKENS={n_ctx} KBSYNC_LLM__MAX_REPLY_TOKENS="
-        f"{min(256, n_ctx // 4)}", highlight=False, markup=False, soft_wrap=True)
+        f"{min(256, n_ctx // 4)}" + (" KBSYNC_LLM__STANDIN=true" if model is None else ""),
+        highlight=False, markup=False, soft_wrap=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(cmd[0], cmd)  # the server replaces this process: Ctrl-C and signals reach it

@@ -246,7 +246,16 @@ def _artifact_key(source: str) -> str:
     return "embed-" + (re.sub(r"[^a-z0-9-]+", "-", source.lower()).strip("-") or "batch")
 
 
-@flow(name="embed", log_prints=True)
+def _embed_run_name() -> str:
+    """``embed-<source>`` for the UI (staged files lie in ``<staging>/<source>/``, see
+    :meth:`connectors.staging.BatchStaging.write`)."""
+    from prefect.runtime import flow_run
+
+    parts = str(flow_run.parameters.get("batch_url", "")).rstrip("/").rsplit("/", 2)
+    return f"embed-{parts[-2] if len(parts) == 3 and parts[-2] else 'batch'}"
+
+
+@flow(name="embed", log_prints=True, flow_run_name=_embed_run_name)
 def embed(batch_url: str, config_path: str | None = None,
           overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Apply one staged batch: embed its new chunks (CUDA fp16 when present) and write them

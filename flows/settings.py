@@ -210,6 +210,9 @@ class LLMSettings(_Model):
     max_reply_tokens: int = Field(2048, ge=16, description="reasoning included")
     presets: dict[str, SamplingPreset] = Field(default_factory=_default_presets)
     fallbacks: list[LLMFallback] = Field(default_factory=list)
+    standin: bool = Field(False, description="the model is a stand-in (e.g. the packaged "
+                                             "SmolLM2): validation reports its answer "
+                                             "quality but does not judge by it")
 
     @field_validator("presets")
     @classmethod
@@ -270,6 +273,10 @@ class ValidationSettings(_Model):
     thresholds: ValidationThresholds = Field(default_factory=ValidationThresholds)
     golden_thresholds: ValidationThresholds | None = Field(
         None, description="for the golden set; default the same as thresholds")
+    golden_modes: list[Literal["dense", "lexical", "hybrid"]] = Field(
+        default_factory=list, description="also measure the golden set's retrieval in "
+        "these modes, each against golden_thresholds (a hybrid ranking can hide a broken "
+        "dense side)")
 
 
 def _options(source: SourceOptions, options: type[Options]) -> Options:

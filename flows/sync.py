@@ -510,6 +510,7 @@ def run_sync(settings: Settings, source: str, *, full: bool = False,
         raise
     finally:
         _publish(summary)
+        _log_summary(summary)
         pipeline.state.release_lock(source, owner)
         pipeline.close()
         _close(connector)
@@ -539,6 +540,7 @@ def _run(pipeline: Pipeline, connector: SourceConnector, summary: SyncSummary, *
     failed: list[DocumentIssue] = []
     final_cursor: dict[str, Any] | None = None
     docs_seen = 0
+    page_log = PageLog(summary, since=since, until=until)
     while True:
         with summary.timed("fetch"):
             page = fetch(reader)
@@ -555,6 +557,7 @@ def _run(pipeline: Pipeline, connector: SourceConnector, summary: SyncSummary, *
             failed.extend(page_failures)
         state.save_checkpoint(summary.source, request.key(), page.checkpoint)
         reader.checkpoint = page.checkpoint
+        page_log.page(page, failed=len(page_failures))
         if pipeline.lease is not None:  # renewed by its heartbeat thread
             pipeline.lease.check()
         if page.cursor is not None:  # the last page: the source has nothing more
@@ -579,6 +582,7 @@ def _run(pipeline: Pipeline, connector: SourceConnector, summary: SyncSummary, *
                      cursor=final_cursor, advance_cursor=advance, reconciled=reconciled)
     if final_cursor is not None:
         _clear_recovered_entities(state, summary.source, failed)
+    page_log.finish()
     if final_cursor is not None or (since and not failed):
         # The read reached its end: nothing is left to resume. Keeping the end checkpoint
         # after a failure would make the next run (same cursor, same request) resume
@@ -594,6 +598,125 @@ def _clear_recovered_entities(state, source: str, failed: list[DocumentIssue]) -
                                 if i.title.startswith(ENTITY_TITLE) and i.doc_id not in now])
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+class PageLog:
+    """One plain-words log line per page and a Prefect progress artifact
+    (``sync-<source>-progress``) updated per page, for the Prefect UI.
+
+    The progress is the share of the run's time window read so far when it has one (a
+    backfill: from ``since`` to ``until`` or now, by the newest ``updated_at`` seen);
+    otherwise the size of what is left is unknown, so it stays at 0 until the run ends
+    and the description counts pages and documents. Never fails the run.
+    """
+
+    def __init__(self, summary: SyncSummary, *, since: datetime | None = None,
+                 until: datetime | None = None) -> None:
+        self.summary = summary
+        self.since, self.until = since, until
+        self.started = self._last = time.perf_counter()
+        self.counts = self._counts()
+        self.documents = 0
+        self.newest: datetime | None = None
+        self.progress = 0.0
+        self.artifact_id: Any = None
+        self._update_artifact("starting")
+
+    def _counts(self) -> dict[str, int]:
+        s = self.summary
+        return {"added": s.documents_added, "updated": s.documents_updated,
+                "unchanged": s.documents_unchanged, "deleted": s.documents_deleted,
+                "skipped": s.documents_skipped, "embedded": s.chunks_embedded}
+
+    def _window_share(self) -> float | None:
+        if self.since is None or self.newest is None:
+            return None
+        end = self.until or datetime.now(self.since.tzinfo)
+        span = (end - self.since).total_seconds()
+        if span <= 0:
+            return None
+        return max(0.0, min(1.0, (self.newest - self.since).total_seconds() / span))
+
+    def page(self, page: Page, failed: int = 0) -> None:
+        """Log what the page just indexed did and update the progress artifact."""
+        now = time.perf_counter()
+        counts = self._counts()
+        d = {k: counts[k] - self.counts.get(k, 0) for k in counts}
+        self.counts = counts
+        read = len(page.documents) + len(page.deletions) + len(page.issues)
+        self.documents += read
+        times = [doc.updated_at for doc in page.documents if doc.updated_at is not None]
+        if times:
+            self.newest = max([*times, *([self.newest] if self.newest else [])])
+        n = self.summary.pages
+        line = (f"page {n}: {_plural(read, 'document')} read: {d['added']} added, "
+                f"{d['updated']} updated, {d['deleted']} deleted, {failed} failed, "
+                f"{d['unchanged']} unchanged, {d['skipped']} skipped; "
+                f"{_plural(d['embedded'], 'chunk')} embedded ({now - self._last:.1f} s)")
+        self._last = now
+        _logger().info("%s", line)
+        share = self._window_share()
+        if share is not None:
+            self.progress = max(self.progress, round(100 * share, 1))
+        self._update_artifact(f"{self.summary.source}: {_plural(n, 'page')}, "
+                              f"{_plural(self.documents, 'document')} read, "
+                              f"{_plural(counts['embedded'], 'chunk')} embedded")
+
+    def finish(self) -> None:
+        """Mark the run's progress done (100) with its outcome."""
+        self.progress = 100.0
+        self._update_artifact(f"{self.summary.source}: {self.summary.status}, "
+                              f"{_plural(self.summary.pages, 'page')}, "
+                              f"{_plural(self.documents, 'document')} read")
+
+    def _update_artifact(self, description: str) -> None:
+        if FlowRunContext.get() is None:
+            return
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        try:
+            if self.artifact_id is None:
+                self.artifact_id = create_progress_artifact(
+                    self.progress, key=f"{_artifact_key(self.summary.source)}-progress",
+                    description=description)
+            else:
+                update_progress_artifact(self.artifact_id, self.progress,
+                                         description=description)
+        except Exception as exc:  # noqa: BLE001 - a UI artifact must not fail the sync
+            log.warning("could not update the sync progress artifact: %s", exc)
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - outside a flow run (MissingContextError)
+        return log
+
+
+def summary_line(summary: SyncSummary) -> str:
+    """What a run did, in one line of plain words (the flow run's last log line)."""
+    s = summary
+    line = (f"{s.mode} sync of {s.source} {s.status.replace('_', ' ')} in "
+            f"{s.seconds.get('total', 0.0):.1f} s: documents {s.documents_added} added, "
+            f"{s.documents_updated} updated, {s.documents_deleted} deleted, "
+            f"{s.documents_failed} failed ({s.documents_unchanged} unchanged, "
+            f"{s.documents_skipped} skipped); chunks {s.chunks_embedded} embedded, "
+            f"{s.chunks_reused} reused, {s.chunks_deleted} deleted; "
+            f"{_plural(s.pages, 'page')}")
+    if s.cursor_advanced:
+        line += "; cursor advanced"
+    if s.error:
+        line += f"; error: {s.error}"
+    return line
+
+
+def _log_summary(summary: SyncSummary) -> None:
+    _logger().log(logging.ERROR if summary.status == "failed" else logging.INFO, "%s",
+                  summary_line(summary))
+
+
 def _publish(summary: SyncSummary) -> None:
     if FlowRunContext.get() is None:
         return
@@ -605,7 +728,23 @@ def _publish(summary: SyncSummary) -> None:
         log.warning("could not publish the sync artifact: %s", exc)
 
 
-@flow(name="sync-source", log_prints=True)
+def _sync_run_name() -> str:
+    """``sync-<source>-<mode>`` (mode: incremental, full or backfill) for the UI."""
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    mode = "backfill" if p.get("since") else "full" if p.get("full") else "incremental"
+    return f"sync-{p.get('source', 'source')}-{mode}"
+
+
+def _sync_all_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    return f"sync-all-{'full' if p.get('full') else 'incremental'}"
+
+
+@flow(name="sync-source", log_prints=True, flow_run_name=_sync_run_name)
 def sync_source(source: str, full: bool = False, since: str | None = None,
                 until: str | None = None, config_path: str | None = None,
                 overrides: dict[str, Any] | None = None,
@@ -627,7 +766,7 @@ class SyncAllFailed(Exception):
     """One or more sources failed in ``sync_all``; the others were synced."""
 
 
-@flow(name="sync-all", log_prints=True)
+@flow(name="sync-all", log_prints=True, flow_run_name=_sync_all_run_name)
 def sync_all(full: bool = False, sources: list[str] | None = None,
              config_path: str | None = None,
              overrides: dict[str, Any] | None = None,

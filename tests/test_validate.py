@@ -381,3 +381,86 @@ def test_fallback_model_judges_and_the_report_says_so(handbook_index, tmp_path, 
     assert "cannot connect" in llm["calls"]["endpoints_down"][llm["primary"]]
     assert len(report["samples"]) == 1
     assert "fallback used" in artifacts_of(state)[REPORT_ARTIFACT].data
+
+
+# ----------------------------------------------------------------------------- the demo
+
+DEMO_ROOT = Path(__file__).resolve().parents[1]
+#: besides the files the demo's golden set expects: distractors from the same repository
+DEMO_DISTRACTORS = ["README.md", "kbsync.example.yaml", "Makefile", "flows/sync.py",
+                    "flows/embed.py", "flows/cli.py", "connectors/git.py", "connectors/jira.py",
+                    "connectors/chroma.py", "connectors/base.py", "transforms/embedding.py",
+                    "transforms/analysis.py"]
+
+
+@pytest.fixture(scope="module")
+def demo_index(tmp_path_factory):
+    """This repository's own files (those the demo's golden set expects, plus
+    distractors) synced as the demo does: a git source named ``kbsync``."""
+    root = tmp_path_factory.mktemp("demo")
+    items = load_golden_set(DEMO_ROOT / "demo" / "golden.yaml")
+    paths = sorted({e.split(":", 1)[1] for item in items for e in item.expected} |
+                   set(DEMO_DISTRACTORS))
+    repo = Repo(root / "repo")
+    repo.commit({p: (DEMO_ROOT / p).read_text(encoding="utf-8") for p in paths})
+    settings = Settings(data_dir=root / "data", sources=[
+        {"type": "git", "name": "kbsync", "url": str(repo.path)}])
+
+    @flow(name="test-index-demo")
+    def index():
+        return run_sync(settings, "kbsync").to_dict()
+
+    assert index()["documents_added"] == len(paths)
+    return root
+
+
+def demo_settings(demo_index, tmp_path, llm_server, broken: bool = False, **validation):
+    data = tmp_path / "data"
+    shutil.copytree(demo_index / "data", data)
+    settings = Settings(data_dir=data, sources=[
+        {"type": "git", "name": "kbsync", "url": str(demo_index / "repo")}], llm={
+        "base_url": llm_server.base_url, "model": llm_server.alias, "standin": True,
+        "max_context_tokens": 2048, "max_reply_tokens": 192, "retries": 0,
+        "timeout_seconds": 600}, validation={
+        "golden_set": str(DEMO_ROOT / "demo" / "golden.yaml"), "golden_modes": ["dense"],
+        "sample_size": 1, "seed": 3, **validation})
+    if broken:
+        shuffle_vectors(settings)
+    return settings
+
+
+def test_demo_validation_passes_a_healthy_index_with_the_standin(demo_index, tmp_path,
+                                                                 llm_server):
+    """The stand-in's answer quality is reported, marked not a verdict; the golden set's
+    retrieval (hybrid, and dense alone) decides."""
+    settings = demo_settings(demo_index, tmp_path, llm_server,
+                             thresholds={"min_doc_hit_rate": 0.8, "min_faithfulness": 0.99,
+                                         "min_correctness": 5, "max_judge_failure_rate": 0})
+    state, report = run_flow(settings)
+    assert report["status"] == "passed", report["reason"]
+    assert state.is_completed() and not state.is_failed()
+    assert "not a verdict" in state.message and "stand-in" in state.message
+    m = report["metrics"]
+    assert m["golden"]["doc_hit_rate"] >= 0.8 and m["golden dense"]["doc_hit_rate"] >= 0.8
+    assert m["golden"]["faithfulness"] is not None  # answers were checked and reported
+    rows = {(r["set"], r["metric"]): r for r in report["thresholds"]}
+    assert rows[("golden", "doc_hit_rate")]["verdict"] is True
+    assert rows[("golden dense", "doc_hit_rate")]["verdict"] is True
+    assert rows[("golden", "faithfulness")]["verdict"] is False
+    assert rows[("sample", "doc_hit_rate")]["verdict"] is False
+    assert report["notes"][0].startswith("NOT A VERDICT: ")
+    assert f"{llm_server.alias}" in report["notes"][0]
+    markdown = artifacts_of(state)[REPORT_ARTIFACT].data
+    assert "(not a verdict: stand-in model)" in markdown and "NOT A VERDICT" in markdown
+
+
+def test_demo_validation_fails_a_broken_index_with_the_standin(demo_index, tmp_path,
+                                                               llm_server):
+    """Vectors shuffled between chunks: hybrid may still find files by their words, the
+    dense-only golden retrieval does not, and the run fails on it."""
+    settings = demo_settings(demo_index, tmp_path, llm_server, broken=True,
+                             check_answers=False)
+    state, report = run_flow(settings)
+    assert state.is_failed() and report["status"] == "failed"
+    assert "golden dense document hit@5" in state.message
+    assert report["metrics"]["golden dense"]["doc_hit_rate"] < 0.5
