@@ -72,12 +72,11 @@ import re
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import parse_qsl, quote, urlparse
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import requests
-from atlassian import Confluence
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 
 from connectors import http
@@ -98,8 +97,9 @@ from connectors.base import (
     utc,
 )
 from connectors.http import classify, retry_after_seconds  # noqa: F401 - re-exported
-from transforms.attachments import AttachmentTextError, attachment_kind, attachment_text
-from transforms.storage_format import mentioned_users, storage_to_markdown
+
+if TYPE_CHECKING:  # imported where the client is built: reading settings stays cheap
+    from atlassian import Confluence
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +346,8 @@ class ConfluenceConnector:
             elif o.username and o.password:
                 kwargs.update(username=o.username, password=reveal(o.password))
             _LIBRARY_LOG_FILTER.secrets.update(s for s in o.secrets if s)
+            from atlassian import Confluence
+
             self._client = Confluence(o.api_url, **kwargs)
         return self._client
 
@@ -637,6 +639,8 @@ class ConfluenceConnector:
 
     def _resolve_mentions(self, results: list[dict[str, Any]]) -> None:
         """Look up the display names of users mentioned on these results (cached)."""
+        from transforms.storage_format import mentioned_users  # bs4: imported when used
+
         if not self.options.resolve_mentions:
             return
         wanted: set[tuple[str, str]] = set()
@@ -665,6 +669,8 @@ class ConfluenceConnector:
     def _convert(self, item: dict[str, Any], base: str) -> Document | DocumentIssue | None:
         """One search result -> a document, a skipped/failed issue, or ``None`` (an
         attachment that is not text-like)."""
+        from transforms.storage_format import storage_to_markdown
+
         kind = item.get("type")
         cid = str(item.get("id"))
         doc_id = f"{self.name}:{cid}"
@@ -727,6 +733,8 @@ class ConfluenceConnector:
         }
 
     def _attachment(self, item: dict[str, Any], base: str) -> Document | DocumentIssue | None:
+        from transforms.attachments import AttachmentTextError, attachment_kind, attachment_text
+
         cid = str(item.get("id"))
         doc_id = f"{self.name}:{cid}"
         filename = str(item.get("title") or cid)
