@@ -429,6 +429,7 @@ def demo_settings(demo_index, tmp_path, llm_server, broken: bool = False, **vali
     return settings
 
 
+@pytest.mark.slow  # the stand-in answers and judges 13 questions: minutes on 2 cores
 def test_demo_validation_passes_a_healthy_index_with_the_standin(demo_index, tmp_path,
                                                                  llm_server):
     """The stand-in's answer quality is reported, marked not a verdict; the golden set's
