@@ -56,7 +56,7 @@ from flows.settings import Settings, load_settings
 from flows.state import StateStore
 from transforms.batches import ChunkBatch
 from transforms.chunking import Chunk, ChunkingConfig, chunk_document
-from transforms.embedding import Embedder, load_embedder, resolve_model
+from transforms.embedding import ModelTokenizer, load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +121,10 @@ class SyncSummary:
 class Pipeline:
     """The resources of a run: settings, state, vector store, and a lazily loaded model.
 
-    The model is loaded at the first changed document, so a no-op sync never imports
-    torch. (In ``embedding.mode: remote`` it is still loaded here, for its tokenizer:
-    chunks are measured in the model's tokens; only the encoding runs remotely.)
+    Chunks are measured with the model's tokenizer alone (no torch). The model itself is
+    loaded at the first chunk to embed, and only with ``embedding.backend:
+    sentence-transformers`` in ``mode: local``; with ``backend: openai`` the vectors come
+    from the embeddings server and this process never imports torch.
 
     Args:
         settings: loaded settings.
@@ -139,7 +140,7 @@ class Pipeline:
         self.lock: tuple[str, float] | None = None
         self.state = StateStore(settings.resolved_state_url)
         self.model_name, _ = resolve_model(settings.embedding.model)
-        self._embedder: Embedder | None = None
+        self._embedder: Any = None
         self._store: ChromaStore | None = None
         self._chunking: ChunkingConfig | None = None
         self._lexical: LexicalIndex | None = None
@@ -147,10 +148,16 @@ class Pipeline:
         self.hash_salt = f"{self.model_name}|{settings.chunking.model_dump_json()}"
 
     @property
-    def embedder(self) -> Embedder:
+    def embedder(self) -> Any:
+        """The embedder of ``embedding.backend`` (see ``connectors.embeddings``)."""
         if self._embedder is None:
-            self._embedder = load_embedder(self.settings.embedding.spec())
+            self._embedder = self.settings.embedding.encoder()
         return self._embedder
+
+    @property
+    def tokenizer(self) -> ModelTokenizer:
+        """The model's tokenizer, loaded alone (chunk sizes are in its tokens)."""
+        return load_tokenizer(self.settings.embedding.model, self.settings.embedding.offline)
 
     @property
     def store(self) -> ChromaStore:
@@ -186,7 +193,7 @@ class Pipeline:
     def chunking(self) -> ChunkingConfig:
         if self._chunking is None:
             cfg = self.settings.chunking
-            limit = self.embedder.max_text_tokens
+            limit = self.tokenizer.max_text_tokens
             self._chunking = ChunkingConfig(
                 max_tokens=min(cfg.max_tokens or limit, limit), overlap_tokens=cfg.overlap_tokens)
         return self._chunking
@@ -288,7 +295,7 @@ def index_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> list[Doc
             try:
                 chunks = chunk_document(doc.id, doc.text, fmt=doc.format, language=doc.language,
                                         title=doc.title, config=pipeline.chunking,
-                                        counter=pipeline.embedder.count_tokens)
+                                        counter=pipeline.tokenizer.count_tokens)
             except Exception as exc:  # noqa: BLE001 - one bad document must not stop the run
                 failures.append(DocumentIssue(doc.id, f"chunking failed: {type(exc).__name__}: {exc}",
                                               "failed", doc.title))
