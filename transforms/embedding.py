@@ -256,7 +256,7 @@ class Embedder:
         return self.tokenizer.fertility(text)
 
     def encode(self, texts: Sequence[str], progress: Callable[[int], None] | None = None,
-               kind: str = "passage") -> np.ndarray:
+               kind: str = "passage", label: str = "") -> np.ndarray:
         """Embed ``texts``; returns a ``(len(texts), dimension)`` float32 array of unit
         vectors.
 
@@ -265,6 +265,7 @@ class Embedder:
                 model family's prefix for that kind is prepended (see
                 :func:`model_prefixes`).
             progress: called with the number of texts done after each batch group.
+            label: names the batch in logs (unused here; see the remote embedder).
         """
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
