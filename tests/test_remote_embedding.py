@@ -86,17 +86,17 @@ def servers(tmp_path_factory) -> Iterator[dict]:
     chroma = Server([str(BIN / "chroma"), "run", "--path", str(tmp / "chroma"), "--host",
                      "127.0.0.1", "--port", str(chroma_port)], tmp / "chroma.log")
     chroma.start()
-    infinity = None
+    found: dict = {"chroma_url": f"http://127.0.0.1:{chroma_port}", "tmp": tmp, "port": port,
+                   "base_url": f"http://127.0.0.1:{port}", "infinity": None}
     try:
         wait_for(lambda: chromadb.HttpClient(host="127.0.0.1", port=chroma_port).heartbeat(),
                  60, "the Chroma server", [chroma.proc])
-        infinity = start_infinity(tmp, port)
-        yield {"chroma_url": f"http://127.0.0.1:{chroma_port}", "tmp": tmp, "port": port,
-               "base_url": f"http://127.0.0.1:{port}", "infinity": infinity}
+        found["infinity"] = start_infinity(tmp, port)
+        yield found
     finally:
         chroma.kill(signal.SIGTERM)
-        if infinity is not None:
-            infinity.kill(signal.SIGTERM)
+        if found["infinity"] is not None:  # a test may have restarted it
+            found["infinity"].kill(signal.SIGTERM)
 
 
 def remote_settings(make_settings, repo, servers, collection: str, data_dir=None, **embedding):
