@@ -34,7 +34,7 @@ def test_tokenizer_alone_counts_and_chunks_exactly_like_the_loaded_model(embedde
     assert tokenizer.max_text_tokens == 254
     pages = _aws_pages(25)
     hf = embedder.model.tokenizer  # the model's own (transformers) tokenizer
-    for name, text in pages:
+    for _name, text in pages:
         for piece in (text, text[:300], "Как загрузить сайт в бакет?", ""):
             assert tokenizer.count_tokens(piece) == len(
                 hf(piece, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])

