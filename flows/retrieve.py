@@ -31,7 +31,7 @@ from typing import Any, Literal
 from connectors.chroma import ChromaStore, EmbeddingModelMismatch
 from connectors.lexical import is_database_url, open_index
 from flows.settings import Settings
-from transforms.embedding import fertility_weight, load_embedder, resolve_model
+from transforms.embedding import fertility_weight, load_tokenizer, resolve_model
 
 Mode = Literal["dense", "lexical", "hybrid"]
 MODES: tuple[str, ...] = ("dense", "lexical", "hybrid")
@@ -89,7 +89,7 @@ def _dense(settings: Settings, store: ChromaStore, text: str, n: int,
     if stored_model != configured:
         raise EmbeddingModelMismatch(
             f"collection {store.name!r} holds {stored_model!r} vectors; settings say {configured!r}")
-    embedder = load_embedder(settings.embedding.spec())
+    embedder = settings.embedding.encoder()
     vector = embedder.encode([text], kind="query")[0]
     return [(h.id, h.score, h.text, h.metadata) for h in store.query(vector, k=n, where=where)]
 
@@ -125,8 +125,8 @@ def hybrid_weights(settings: Settings, text: str) -> tuple[float, float]:
     r = settings.retrieval
     dense = r.dense_weight
     if r.adaptive_dense_weight and dense > 0:
-        embedder = load_embedder(settings.embedding.spec())
-        dense *= fertility_weight(embedder.fertility(text), r.fertility_full, r.fertility_zero)
+        tokenizer = load_tokenizer(settings.embedding.model, settings.embedding.offline)
+        dense *= fertility_weight(tokenizer.fertility(text), r.fertility_full, r.fertility_zero)
     return dense, r.lexical_weight
 
 

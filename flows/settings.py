@@ -97,10 +97,40 @@ class EmbeddingSettings(_Model):
         3600.0, gt=0, description="remote mode: how long to wait for one embed run")
     remote_poll_seconds: float = Field(
         2.0, gt=0, description="remote mode: how often to ask the server for the run's state")
+    backend: Literal["sentence-transformers", "openai"] = Field(
+        "sentence-transformers",
+        description="sentence-transformers: the model in this process; openai: a warm "
+                    "OpenAI-compatible embeddings server at base_url (Infinity on the GPU "
+                    "machine); this side then loads the tokenizer only, never torch")
+    base_url: str | None = Field(None, description="backend openai: the embeddings server, "
+                                                   "e.g. http://gpu-host:7997")
+    api_key: SecretStr | None = Field(None, description="backend openai: bearer token "
+                                                        "(KBSYNC_EMBEDDING__API_KEY)")
+    request_timeout_seconds: float = Field(120.0, gt=0, description="backend openai: one batch")
+    request_retries: int = Field(1, ge=0, description="backend openai: retries of a failed "
+                                                      "request before the sync stops")
+    batch_chunks: int = Field(256, ge=1, le=100_000,
+                              description="chunks handed to the embedder at once, gathered "
+                                          "across pages")
+
+    @model_validator(mode="after")
+    def _base_url_for_openai(self) -> EmbeddingSettings:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("embedding.backend openai needs embedding.base_url")
+        return self
 
     def spec(self) -> EmbedderSpec:
         return EmbedderSpec(model=self.model, device=self.device, batch_size=self.batch_size,
-                            offline=self.offline)
+                            offline=self.offline, backend=self.backend, base_url=self.base_url,
+                            timeout_seconds=self.request_timeout_seconds,
+                            retries=self.request_retries)
+
+    def encoder(self) -> Any:
+        """The embedder for these settings (see :func:`connectors.embeddings.load_encoder`)."""
+        from connectors.embeddings import load_encoder
+
+        key = self.api_key.get_secret_value() if self.api_key else None
+        return load_encoder(self.spec(), key)
 
 
 class ChunkingSettings(_Model):

@@ -53,12 +53,12 @@ from connectors.base import (
 )
 from connectors.chroma import ChromaStore, IndexedDocument
 from connectors.lexical import LexicalBackend
-from flows.embed import apply_batch, embed_remote, open_collection, open_lexical
+from flows.embed import apply_batch, embed_remote, open_collection, open_lexical, write_batch
 from flows.settings import Settings, load_settings
 from flows.state import LeaseHeartbeat, StateStore, lease_holder_gone, lease_owner
 from transforms.batches import ChunkBatch
 from transforms.chunking import Chunk, ChunkingConfig, chunk_document
-from transforms.embedding import Embedder, load_embedder, resolve_model
+from transforms.embedding import ModelTokenizer, load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,10 @@ def _report(stage: str, done: int, total: int | None = None) -> None:
 @dataclass
 class SyncSummary:
     """What one run did. Document counts are per document, chunk counts per chunk;
-    ``seconds`` maps stage (fetch, chunk, embed, write, reconcile, total) to wall time."""
+    ``seconds`` maps stage (fetch, chunk, embed, write, reconcile, total) to wall time;
+    ``wait`` is the time the sync waited for the embedder (embedding overlaps fetching and
+    chunking, so ``embed`` minus ``wait`` is the time it hid); ``embed_batches`` counts
+    the batches handed to the embedder."""
 
     source: str
     mode: str = "incremental"
@@ -93,6 +96,7 @@ class SyncSummary:
     chunks_reused: int = 0
     chunks_deleted: int = 0
     pages: int = 0
+    embed_batches: int = 0
     cursor: dict[str, Any] | None = None
     cursor_advanced: bool = False
     reconciled: bool = False
@@ -113,7 +117,8 @@ class SyncSummary:
     def table(self) -> list[dict[str, Any]]:
         """Rows for the Prefect table artifact and the CLI."""
         rows = [{"measure": k.replace("_", " "), "value": v} for k, v in self.to_dict().items()
-                if k.startswith(("documents_", "chunks_")) or k in ("status", "mode", "pages")]
+                if k.startswith(("documents_", "chunks_"))
+                or k in ("status", "mode", "pages", "embed_batches")]
         rows += [{"measure": f"seconds {k}", "value": v} for k, v in self.seconds.items()]
         if self.error:
             rows.append({"measure": "error", "value": self.error})
@@ -123,9 +128,10 @@ class SyncSummary:
 class Pipeline:
     """The resources of a run: settings, state, vector store, and a lazily loaded model.
 
-    The model is loaded at the first changed document, so a no-op sync never imports
-    torch. (In ``embedding.mode: remote`` it is still loaded here, for its tokenizer:
-    chunks are measured in the model's tokens; only the encoding runs remotely.)
+    Chunks are measured with the model's tokenizer alone (no torch). The model itself is
+    loaded at the first chunk to embed, and only with ``embedding.backend:
+    sentence-transformers`` in ``mode: local``; with ``backend: openai`` the vectors come
+    from the embeddings server and this process never imports torch.
 
     Args:
         settings: loaded settings.
@@ -141,7 +147,7 @@ class Pipeline:
         self.lease: LeaseHeartbeat | None = None
         self.state = StateStore(settings.resolved_state_url)
         self.model_name, _ = resolve_model(settings.embedding.model)
-        self._embedder: Embedder | None = None
+        self._embedder: Any = None
         self._store: ChromaStore | None = None
         self._chunking: ChunkingConfig | None = None
         self._lexical: LexicalBackend | None = None
@@ -149,10 +155,16 @@ class Pipeline:
         self.hash_salt = f"{self.model_name}|{settings.chunking.model_dump_json()}"
 
     @property
-    def embedder(self) -> Embedder:
+    def embedder(self) -> Any:
+        """The embedder of ``embedding.backend`` (see ``connectors.embeddings``)."""
         if self._embedder is None:
-            self._embedder = load_embedder(self.settings.embedding.spec())
+            self._embedder = self.settings.embedding.encoder()
         return self._embedder
+
+    @property
+    def tokenizer(self) -> ModelTokenizer:
+        """The model's tokenizer, loaded alone (chunk sizes are in its tokens)."""
+        return load_tokenizer(self.settings.embedding.model, self.settings.embedding.offline)
 
     @property
     def store(self) -> ChromaStore:
@@ -188,7 +200,7 @@ class Pipeline:
     def chunking(self) -> ChunkingConfig:
         if self._chunking is None:
             cfg = self.settings.chunking
-            limit = self.embedder.max_text_tokens
+            limit = self.tokenizer.max_text_tokens
             self._chunking = ChunkingConfig(
                 max_tokens=min(cfg.max_tokens or limit, limit), overlap_tokens=cfg.overlap_tokens)
         return self._chunking
@@ -280,15 +292,36 @@ def nothing_to_index(doc: Document, chunks: list[Chunk]) -> DocumentIssue | None
     return DocumentIssue(doc.id, NO_TEXT_REASON, "skipped", doc.title)
 
 
-@task(name="index-page", cache_policy=NO_CACHE)
-def index_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> list[DocumentIssue]:
-    """Make one page durable in the index; returns the documents that failed.
+@dataclass
+class PagePlan:
+    """What one page changes in the index, before anything is embedded or written.
+
+    Attributes:
+        page: the page as fetched.
+        batch: its chunks to embed and add, chunks whose metadata changes, deletions.
+        failures: documents that failed (at the source, or in chunking).
+        skipped: documents skipped at the source (they leave the index).
+        doc_ids: every document the page touches (a later page touching one of them
+            waits until this page is written).
+    """
+
+    page: Page
+    batch: ChunkBatch
+    failures: list[DocumentIssue]
+    skipped: list[DocumentIssue]
+    doc_ids: set[str]
+
+
+def plan_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> PagePlan:
+    """Decide what ``page`` changes: unchanged documents (same hash) cost nothing, changed
+    ones are chunked, and only chunk ids the collection does not hold are to be embedded.
+    Reads the index, writes nothing.
 
     Raises:
-        connectors.chroma.EmbeddingModelMismatch: before writing anything.
+        connectors.chroma.EmbeddingModelMismatch: the collection holds another model.
     """
     store = pipeline.store
-    failures: list[DocumentIssue] = []
+    failures = [i for i in page.issues if i.kind == "failed"]
     documents = list({doc.id: doc for doc in page.documents}.values())
     skipped = [i for i in page.issues if i.kind == "skipped"]
     # skipped documents (became binary, too large, empty) leave the index too
@@ -297,7 +330,6 @@ def index_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> list[Doc
     with summary.timed("write"):
         indexed = store.indexed_documents([d.id for d in documents] + gone_ids)
 
-    # -- which documents changed, and their chunks
     planned: list[tuple[Document, str, list[Chunk], IndexedDocument | None]] = []
     with summary.timed("chunk"):
         for doc in documents:
@@ -309,7 +341,7 @@ def index_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> list[Doc
             try:
                 chunks = chunk_document(doc.id, doc.text, fmt=doc.format, language=doc.language,
                                         title=doc.title, config=pipeline.chunking,
-                                        counter=pipeline.embedder.count_tokens)
+                                        counter=pipeline.tokenizer.count_tokens)
             except Exception as exc:  # noqa: BLE001 - one bad document must not stop the run
                 failures.append(DocumentIssue(doc.id, f"chunking failed: {type(exc).__name__}: {exc}",
                                               "failed", doc.title))
@@ -320,11 +352,10 @@ def index_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> list[Doc
                 continue
             planned.append((doc, doc_hash, chunks, before))
 
-    # -- embed only chunk ids the collection does not hold
     all_ids = [c.id for _, _, chunks, _ in planned for c in chunks]
     with summary.timed("write"):
         existing = store.existing_ids(all_ids) if all_ids else set()
-    batch = ChunkBatch(source=summary.source)
+    batch = ChunkBatch(source=summary.source, model=pipeline.model_name)
     for doc, doc_hash, chunks, before in planned:
         for chunk in chunks:
             meta = chunk_metadata(doc, doc_hash, chunk, len(chunks))
@@ -343,24 +374,129 @@ def index_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> list[Doc
         if before is not None:
             summary.documents_deleted += 1
             summary.chunks_deleted += len(before.chunk_ids)
+    return PagePlan(page, batch, failures, skipped,
+                    {d.id for d in documents} | set(gone_ids) | {i.doc_id for i in page.issues})
 
-    done = summary.chunks_embedded
-    seconds = pipeline.apply(batch, progress=lambda n: _report("embed", done + n, None))
-    for stage, value in seconds.items():
-        summary.seconds[stage] = round(summary.seconds.get(stage, 0.0) + value, 4)
-    with summary.timed("write"):
-        # every document read cleanly on this page (changed or not) clears an older
-        # failure record; the failures of this page are recorded by the caller after this
-        pipeline.state.clear_issues(
-            summary.source, [d.id for d in documents] + list(page.deletions))
-        pipeline.state.record_issues(
-            summary.source, [(i.doc_id, i.kind, i.reason, i.title) for i in skipped])
 
-    summary.chunks_embedded += len(batch.add_ids)
-    summary.chunks_reused += len(batch.update_ids)
-    summary.chunks_deleted += len(batch.delete_ids)
-    summary.documents_skipped += len(skipped)
-    return failures
+class BatchWriter:
+    """Embeds planned pages in batches sized for the embedder, one batch in flight while
+    the sync fetches and chunks what follows, and makes each batch durable in order.
+
+    Pages are gathered until they hold ``embedding.batch_chunks`` chunks to embed; that
+    batch is handed to a single background thread (``concurrent.futures``), so at most one
+    batch is being embedded while the next one is planned. When the next batch is ready
+    before the previous one is embedded, the sync waits (back-pressure). The main thread
+    writes a finished batch (the lexical index, then Chroma), records its pages' document
+    issues, and only then saves the checkpoint of its last page. A page touching a
+    document that a pending page also touches first drains everything before it, so two
+    versions of one document are never planned against the same index state.
+
+    With ``embedding.mode: remote`` the background thread runs the ``embed`` deployment
+    instead, which embeds and writes the batch itself.
+
+    Raises (from :meth:`put`, :meth:`drain`): what the embedder raised for a batch
+    (``connectors.embeddings.EmbeddingServerError``, ``flows.embed.RemoteEmbedError``, ...)
+    naming the batch; nothing of that batch or later ones was written and no later
+    checkpoint saved.
+    """
+
+    def __init__(self, pipeline: Pipeline, summary: SyncSummary, request_key: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pipeline, self.summary, self.request_key = pipeline, summary, request_key
+        self.limit = pipeline.settings.embedding.batch_chunks
+        self.pending: list[PagePlan] = []
+        self.failed: list[DocumentIssue] = []
+        self.batches = 0
+        self._inflight: tuple[Any, list[PagePlan], ChunkBatch] | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kbsync-embed")
+
+    def put(self, plan: PagePlan) -> None:
+        """Queue a planned page; hands a batch over once enough chunks are gathered."""
+        if any(plan.doc_ids & p.doc_ids for p in self._unwritten()):
+            self.drain()
+        self.pending.append(plan)
+        if sum(len(p.batch.add_ids) for p in self.pending) >= self.limit:
+            self._submit()
+
+    def drain(self) -> None:
+        """Embed and write everything queued, then return."""
+        self._submit()
+        if self._inflight is not None:
+            self._collect()
+
+    def salvage(self) -> None:
+        """:meth:`drain` after the fetch failed: the pages read before the error become
+        durable (and checkpointed); an embedding error here is logged, not raised, so the
+        fetch error is what the run reports."""
+        try:
+            self.drain()
+        except Exception as exc:  # noqa: BLE001 - the caller re-raises the fetch error
+            log.warning("could not write the pages read before the error: %s", exc)
+
+    def close(self) -> None:
+        """Stop the background thread (waits for a batch in flight; its result is
+        dropped when it was not collected)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _unwritten(self) -> list[PagePlan]:
+        return self.pending + (self._inflight[1] if self._inflight else [])
+
+    def _submit(self) -> None:
+        if self._inflight is not None:
+            self._collect()
+        if not self.pending:
+            return
+        group, self.pending = self.pending, []
+        batch = ChunkBatch(source=self.summary.source, model=self.pipeline.model_name)
+        for plan in group:
+            batch.extend(plan.batch)
+        self.batches += 1
+        label = (f"batch {self.batches} ({len(batch.add_ids)} chunks, pages "
+                 f"{self.summary.pages - len(group) + 1}-{self.summary.pages})")
+        if self.pipeline.settings.embedding.mode != "remote" and batch.add_ids:
+            self.pipeline.embedder  # noqa: B018 - loaded here, not in the thread
+        future = self._pool.submit(contextvars.copy_context().run, self._embed, batch, label)
+        self._inflight = (future, group, batch)
+
+    def _embed(self, batch: ChunkBatch, label: str) -> tuple[Any, dict[str, float]]:
+        """In the background thread: the vectors of ``batch`` (or, remote mode, the
+        whole batch applied by the embed deployment)."""
+        done = self.summary.chunks_embedded
+        progress = lambda n: _report("embed", done + n, None)  # noqa: E731
+        if self.pipeline.settings.embedding.mode == "remote":
+            return None, self.pipeline.apply(batch, progress=progress)
+        if not batch.add_ids:
+            return None, {}
+        start = time.perf_counter()
+        vectors = self.pipeline.embedder.encode(batch.add_texts, progress=progress, label=label)
+        return vectors, {"embed": time.perf_counter() - start}
+
+    def _collect(self) -> None:
+        future, group, batch = self._inflight
+        self._inflight = None
+        summary, state = self.summary, self.pipeline.state
+        with summary.timed("wait"):
+            vectors, seconds = future.result()
+        for stage, value in seconds.items():
+            summary.seconds[stage] = round(summary.seconds.get(stage, 0.0) + value, 4)
+        with summary.timed("write"):
+            if self.pipeline.settings.embedding.mode != "remote":
+                write_batch(batch, vectors, self.pipeline.store, self.pipeline.lexical)
+            for plan in group:
+                # every document read cleanly on the page (changed or not) clears an older
+                # failure record; then the page's own skips and failures are recorded
+                state.clear_issues(summary.source, [d.id for d in plan.page.documents]
+                                   + list(plan.page.deletions))
+                issues = plan.skipped + plan.failures
+                state.record_issues(summary.source,
+                                    [(i.doc_id, i.kind, i.reason, i.title) for i in issues])
+                self.failed.extend(plan.failures)
+                summary.documents_skipped += len(plan.skipped)
+            state.save_checkpoint(summary.source, self.request_key, group[-1].page.checkpoint)
+        summary.chunks_embedded += len(batch.add_ids)
+        summary.chunks_reused += len(batch.update_ids)
+        summary.chunks_deleted += len(batch.delete_ids)
 
 
 @task(name="reconcile", cache_policy=NO_CACHE)
@@ -537,32 +673,37 @@ def _run(pipeline: Pipeline, connector: SourceConnector, summary: SyncSummary, *
     reader = PageReader(connector, request, checkpoint)
     fetch = fetch_page.with_options(retries=settings.sync.fetch_retries,
                                     retry_delay_seconds=settings.sync.fetch_retry_delay_seconds)
-    failed: list[DocumentIssue] = []
     final_cursor: dict[str, Any] | None = None
     docs_seen = 0
     page_log = PageLog(summary, since=since, until=until)
-    while True:
-        with summary.timed("fetch"):
-            page = fetch(reader)
-        if page is None:
-            break
-        summary.pages += 1
-        docs_seen += len(page.documents) + len(page.deletions) + len(page.issues)
-        _report("fetch", docs_seen, None)
-        page_failures = [i for i in page.issues if i.kind == "failed"]
-        page_failures += index_page(pipeline, page, summary)
-        if page_failures:
-            state.record_issues(summary.source, [(i.doc_id, i.kind, i.reason, i.title)
-                                                 for i in page_failures])
-            failed.extend(page_failures)
-        state.save_checkpoint(summary.source, request.key(), page.checkpoint)
-        reader.checkpoint = page.checkpoint
-        page_log.page(page, failed=len(page_failures))
-        if pipeline.lease is not None:  # renewed by its heartbeat thread
-            pipeline.lease.check()
-        if page.cursor is not None:  # the last page: the source has nothing more
-            final_cursor = page.cursor
-            break
+    writer = BatchWriter(pipeline, summary, request.key())
+    try:
+        while True:
+            try:
+                with summary.timed("fetch"):
+                    page = fetch(reader)
+            except BaseException:
+                writer.salvage()  # what was read before the error still becomes durable
+                raise
+            if page is None:
+                break
+            summary.pages += 1
+            docs_seen += len(page.documents) + len(page.deletions) + len(page.issues)
+            _report("fetch", docs_seen, None)
+            plan = plan_page(pipeline, page, summary)
+            writer.put(plan)
+            reader.checkpoint = page.checkpoint  # a retried fetch resumes after this page
+            page_log.page(page, failed=len(plan.failures))
+            if pipeline.lease is not None:  # renewed by its heartbeat thread
+                pipeline.lease.check()
+            if page.cursor is not None:  # the last page: the source has nothing more
+                final_cursor = page.cursor
+                break
+        writer.drain()
+    finally:
+        writer.close()
+    failed = writer.failed
+    summary.embed_batches = writer.batches
 
     summary.documents_failed = len(failed)
     reconciled = False

@@ -241,7 +241,7 @@ def test_compose_services_healthchecks_and_start_order():
     doc = compose()
     services = doc["services"]
     assert set(services) == {"postgres", "prefect-server", "chroma", "ollama", "ollama-pull",
-                             "deploy", "worker-cpu", "worker-gpu"}
+                             "embedder", "deploy", "worker-cpu", "worker-gpu"}
     for name, svc in services.items():
         if name not in ONE_SHOT:
             test = svc["healthcheck"]["test"]
@@ -261,6 +261,23 @@ def test_compose_services_healthchecks_and_start_order():
     assert "deepseek" in " ".join(services["ollama-pull"]["entrypoint"])
     assert services["prefect-server"]["depends_on"] == {
         "postgres": {"condition": "service_healthy"}}
+    assert services["worker-cpu"]["depends_on"]["embedder"] == {"condition": "service_healthy"}
+
+
+def test_compose_embedder_serves_the_model_warm_on_the_gpu():
+    services = compose()["services"]
+    embedder = services["embedder"]
+    assert embedder["image"].startswith("michaelf34/infinity:")
+    command = embedder["command"]
+    assert command[0] == "v2" and "--served-model-name" in command and "--model-id" in command
+    assert command[command.index("--port") + 1] == "7997"
+    assert "/health" in " ".join(embedder["healthcheck"]["test"])
+    devices = embedder["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    env = services["worker-cpu"]["environment"]
+    assert env["KBSYNC_EMBEDDING__BACKEND"] == "${KBSYNC_EMBEDDING_BACKEND:-openai}"
+    assert env["KBSYNC_EMBEDDING__BASE_URL"] == "http://embedder:7997"
+    assert env["KBSYNC_EMBEDDING__MODE"] == "${KBSYNC_EMBEDDING_MODE:-local}"
 
 
 def test_compose_prefect_chroma_workers_and_volumes():

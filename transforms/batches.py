@@ -89,6 +89,17 @@ class ChunkBatch:
     def empty(self) -> bool:
         return not (self.add_ids or self.update_ids or self.delete_ids or self.delete_doc_ids)
 
+    def extend(self, other: ChunkBatch) -> None:
+        """Append ``other``'s changes (another page of the same source; pages of one
+        batch must not share documents)."""
+        self.add_ids += other.add_ids
+        self.add_texts += other.add_texts
+        self.add_metadatas += other.add_metadatas
+        self.update_ids += other.update_ids
+        self.update_metadatas += other.update_metadatas
+        self.delete_ids += other.delete_ids
+        self.delete_doc_ids += other.delete_doc_ids
+
 
 def batch_to_table(batch: ChunkBatch) -> pa.Table:
     """The batch as an Arrow table of :data:`BATCH_SCHEMA` (one row per operation, in the

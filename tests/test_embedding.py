@@ -1,0 +1,82 @@
+"""The tokenizer alone (no torch) and the remote embedder (a real Infinity server)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REALDATA
+from transforms.chunking import ChunkingConfig, chunk_document
+from transforms.embedding import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+AWS_TARBALL = REALDATA / "docs_qa" / "aws_documentation_qa" / "aws_docs_14_guides_doc_source.tar.gz"
+
+
+def _aws_pages(n: int) -> list[tuple[str, str]]:
+    out = []
+    with tarfile.open(AWS_TARBALL) as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".md"):
+                out.append((member.name, tar.extractfile(member).read().decode("utf-8", "replace")))
+                if len(out) == n:
+                    break
+    return out
+
+
+def test_tokenizer_alone_counts_and_chunks_exactly_like_the_loaded_model(embedder):
+    tokenizer = load_tokenizer()
+    assert tokenizer.max_seq_length == embedder.model.max_seq_length == 256
+    assert tokenizer.max_text_tokens == 254
+    pages = _aws_pages(25)
+    hf = embedder.model.tokenizer  # the model's own (transformers) tokenizer
+    for _name, text in pages:
+        for piece in (text, text[:300], "Как загрузить сайт в бакет?", ""):
+            assert tokenizer.count_tokens(piece) == len(
+                hf(piece, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
+    config = ChunkingConfig(max_tokens=254, overlap_tokens=32)
+
+    def hf_count(t):
+        return len(hf(t, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
+
+    for name, text in pages:
+        ours = chunk_document(name, text, fmt="markdown", config=config,
+                              counter=tokenizer.count_tokens)
+        theirs = chunk_document(name, text, fmt="markdown", config=config, counter=hf_count)
+        assert [c.id for c in ours] == [c.id for c in theirs]
+
+
+def test_sync_and_query_path_with_a_remote_backend_never_import_torch(tmp_path):
+    code = (
+        "import sys\n"
+        "from flows.settings import Settings\n"
+        "import flows.sync, flows.retrieve, flows.cli\n"
+        "s = Settings(data_dir=sys.argv[1], embedding={'backend': 'openai',"
+        " 'base_url': 'http://127.0.0.1:9'})\n"
+        "from flows.sync import Pipeline\n"
+        "p = Pipeline(s)\n"
+        "assert p.chunking.max_tokens == 254\n"
+        "assert p.tokenizer.count_tokens('hello world') == 2\n"
+        "e = p.embedder\n"
+        "assert type(e).__name__ == 'RemoteEmbedder', e\n"
+        "from flows.retrieve import hybrid_weights\n"
+        "hybrid_weights(s, 'How do I rotate keys?')\n"
+        "p.close()\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in"
+        " ('torch', 'sentence_transformers', 'transformers'))\n"
+        "print(bad)\n"
+        "sys.exit(1 if bad else 0)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_openai_backend_needs_a_base_url(tmp_path):
+    from flows.settings import Settings
+
+    with pytest.raises(ValueError, match="base_url"):
+        Settings(data_dir=tmp_path, embedding={"backend": "openai"})
