@@ -25,8 +25,6 @@ import argparse
 import shutil
 import tempfile
 import time
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -44,6 +42,7 @@ from common import (
     write_json,
 )
 
+from fakes.postgres import temporary_database
 from flows.retrieve import MODES
 
 RU_QUESTIONS = ROOT / "benchmarks" / "data" / "diplodoc_ru_questions.yaml"
@@ -67,24 +66,6 @@ def scores(ranks: list[int | None], ks=(1, 5, 10)) -> dict[str, float]:
     out = {f"hit@{k}": sum(1 for r in ranks if r is not None and r <= k) / n for k in ks}
     out["mrr"] = sum(1.0 / r for r in ranks if r is not None) / n
     return out
-
-
-@contextmanager
-def temporary_database(server: str):
-    """A fresh database on the PostgreSQL ``server`` URL (no database part); yields its
-    URL and drops it afterwards."""
-    from sqlalchemy import create_engine, text
-
-    name = f"kbsync_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"{server}/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def evaluate(settings, name: str, questions, mode: str, chunks: int) -> dict[str, float]:

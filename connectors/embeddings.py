@@ -25,7 +25,13 @@ from typing import Any
 import numpy as np
 
 from connectors.chroma import EmbeddingModelMismatch
-from transforms.embedding import EmbedderSpec, load_embedder, load_tokenizer, resolve_model
+from transforms.embedding import (
+    EmbedderSpec,
+    TokenizerSide,
+    load_embedder,
+    load_tokenizer,
+    resolve_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +44,7 @@ class EmbeddingServerError(Exception):
     """
 
 
-class RemoteEmbedder:
+class RemoteEmbedder(TokenizerSide):
     """Texts -> vectors through an OpenAI-compatible ``/embeddings`` endpoint.
 
     Args:
@@ -79,16 +85,6 @@ class RemoteEmbedder:
         if self._dimension is None:
             self._dimension = int(self.encode(["dimension"], kind="query").shape[1])
         return self._dimension
-
-    @property
-    def max_text_tokens(self) -> int:
-        return self.tokenizer.max_text_tokens
-
-    def count_tokens(self, text: str) -> int:
-        return self.tokenizer.count_tokens(text)
-
-    def fertility(self, text: str) -> float:
-        return self.tokenizer.fertility(text)
 
     def encode(self, texts: Sequence[str], progress: Callable[[int], None] | None = None,
                kind: str = "passage", label: str = "") -> np.ndarray:

@@ -693,7 +693,7 @@ def _run(pipeline: Pipeline, connector: SourceConnector, summary: SyncSummary, *
             plan = plan_page(pipeline, page, summary)
             writer.put(plan)
             reader.checkpoint = page.checkpoint  # a retried fetch resumes after this page
-            page_log.page(page, failed=len(plan.failures))
+            page_log.page(page, failed=len(plan.failures), to_embed=len(plan.batch.add_ids))
             if pipeline.lease is not None:  # renewed by its heartbeat thread
                 pipeline.lease.check()
             if page.cursor is not None:  # the last page: the source has nothing more
@@ -780,8 +780,9 @@ class PageLog:
             return None
         return max(0.0, min(1.0, (self.newest - self.since).total_seconds() / span))
 
-    def page(self, page: Page, failed: int = 0) -> None:
-        """Log what the page just indexed did and update the progress artifact."""
+    def page(self, page: Page, failed: int = 0, to_embed: int = 0) -> None:
+        """Log what the page just planned (its new chunks are embedded in the next batch,
+        while later pages are fetched) and update the progress artifact."""
         now = time.perf_counter()
         counts = self._counts()
         d = {k: counts[k] - self.counts.get(k, 0) for k in counts}
@@ -795,7 +796,7 @@ class PageLog:
         line = (f"page {n}: {_plural(read, 'document')} read: {d['added']} added, "
                 f"{d['updated']} updated, {d['deleted']} deleted, {failed} failed, "
                 f"{d['unchanged']} unchanged, {d['skipped']} skipped; "
-                f"{_plural(d['embedded'], 'chunk')} embedded ({now - self._last:.1f} s)")
+                f"{_plural(to_embed, 'new chunk')} to embed ({now - self._last:.1f} s)")
         self._last = now
         _logger().info("%s", line)
         share = self._window_share()

@@ -195,17 +195,7 @@ TEST_POSTGRES = os.environ.get("KBSYNC_TEST_POSTGRES",
 def postgres_url() -> Iterator[str]:
     """A fresh database with a random name on the real PostgreSQL server, dropped after
     the test; yields its SQLAlchemy URL."""
-    import uuid
+    from fakes.postgres import temporary_database
 
-    from sqlalchemy import create_engine, text
-
-    name = f"kbsync_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(f"{TEST_POSTGRES}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"{TEST_POSTGRES}/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with temporary_database(TEST_POSTGRES) as url:
+        yield url

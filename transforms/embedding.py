@@ -186,6 +186,27 @@ def model_prefixes(name: str, prompts: dict[str, str]) -> dict[str, str]:
     return out
 
 
+class TokenizerSide:
+    """What every embedder (local or remote) answers from its :class:`ModelTokenizer`
+    alone, without the weights: ``max_text_tokens``, ``count_tokens``, ``fertility``.
+    Subclasses set ``self.tokenizer``."""
+
+    tokenizer: ModelTokenizer
+
+    @property
+    def max_text_tokens(self) -> int:
+        """See :attr:`ModelTokenizer.max_text_tokens`."""
+        return self.tokenizer.max_text_tokens
+
+    def count_tokens(self, text: str) -> int:
+        """See :meth:`ModelTokenizer.count_tokens`."""
+        return self.tokenizer.count_tokens(text)
+
+    def fertility(self, text: str) -> float:
+        """See :meth:`ModelTokenizer.fertility`."""
+        return self.tokenizer.fertility(text)
+
+
 @dataclass(frozen=True)
 class EmbedderSpec:
     """Which model to load and how (hashable, so loaded models can be shared)."""
@@ -202,7 +223,7 @@ class EmbedderSpec:
     retries: int = 1
 
 
-class Embedder:
+class Embedder(TokenizerSide):
     """A loaded sentence-transformers model.
 
     Attributes:
@@ -241,19 +262,6 @@ class Embedder:
         self.tokenizer = load_tokenizer(spec.model, spec.offline)
         self.prefixes = model_prefixes(self.name, getattr(self.model, "prompts", None) or {})
         self._lock = threading.Lock()
-
-    @property
-    def max_text_tokens(self) -> int:
-        """See :attr:`ModelTokenizer.max_text_tokens`."""
-        return self.tokenizer.max_text_tokens
-
-    def count_tokens(self, text: str) -> int:
-        """See :meth:`ModelTokenizer.count_tokens`."""
-        return self.tokenizer.count_tokens(text)
-
-    def fertility(self, text: str) -> float:
-        """See :meth:`ModelTokenizer.fertility`."""
-        return self.tokenizer.fertility(text)
 
     def encode(self, texts: Sequence[str], progress: Callable[[int], None] | None = None,
                kind: str = "passage", label: str = "") -> np.ndarray:
