@@ -23,10 +23,13 @@ import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import git
 from pathspec import PathSpec
 from pydantic import Field, SecretStr
+
+if TYPE_CHECKING:  # GitPython is imported where it is used: reading the settings stays cheap
+    import git
 
 from connectors.base import (
     Checkpoint,
@@ -151,6 +154,8 @@ class GitConnector:
         return env
 
     def _error(self, what: str, exc: Exception) -> ConnectorError:
+        import git
+
         basic, token = None, reveal(self.options.token)
         if token:
             basic = base64.b64encode(f"{self.options.username}:{token}".encode()).decode()
@@ -160,6 +165,8 @@ class GitConnector:
 
     def repo(self) -> git.Repo:
         """Open (local) or clone/fetch (remote) the repository; cached per connector."""
+        import git
+
         if self._repo is not None:
             return self._repo
         if self.is_remote:
@@ -193,6 +200,8 @@ class GitConnector:
 
     def head(self) -> git.Commit:
         """The commit to sync: the configured branch's head, else the repository HEAD."""
+        import git
+
         repo = self.repo()
         ref = self.options.branch
         try:
@@ -206,6 +215,8 @@ class GitConnector:
     def _commit(self, sha: str) -> git.Commit | None:
         """The commit ``sha`` if the repository has it (GitPython resolves lazily, so
         existence is checked with ``git cat-file -e``), else ``None``."""
+        import git
+
         try:
             self.repo().git.cat_file("-e", f"{sha}^{{commit}}")
             return self.repo().commit(sha)
@@ -385,6 +396,8 @@ class GitConnector:
 
     def list_ids(self) -> Listing:
         """Every eligible path at the branch head, as document ids (``ls-tree``)."""
+        import git
+
         try:
             paths = self._tree_paths(self.head())
         except (ConnectorError, git.GitCommandError) as exc:

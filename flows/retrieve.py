@@ -82,6 +82,19 @@ def _where(source: str | None, filters: dict[str, Any] | None) -> dict[str, Any]
     return conditions[0] if len(conditions) == 1 else {"$and": conditions}
 
 
+def query_encoder(settings: Settings) -> Any:
+    """The embedder for questions: with the in-process backend and
+    ``embedding.onnx_queries`` (default), the model's ONNX export under
+    ``<data_dir>/models`` run by onnxruntime (no torch import; see
+    :mod:`transforms.onnx_embedding`); otherwise ``settings.embedding.encoder()``."""
+    e = settings.embedding
+    if e.backend != "sentence-transformers" or not e.onnx_queries:
+        return e.encoder()
+    from transforms.onnx_embedding import load_query_encoder
+
+    return load_query_encoder(e.spec(), settings.data_dir / "models")
+
+
 def _dense(settings: Settings, store: ChromaStore, text: str, n: int,
            where: dict[str, Any] | None) -> list[tuple[str, float, str, dict[str, Any]]]:
     stored_model, _ = store.stored_model()
@@ -89,7 +102,7 @@ def _dense(settings: Settings, store: ChromaStore, text: str, n: int,
     if stored_model != configured:
         raise EmbeddingModelMismatch(
             f"collection {store.name!r} holds {stored_model!r} vectors; settings say {configured!r}")
-    embedder = settings.embedding.encoder()
+    embedder = query_encoder(settings)
     vector = embedder.encode([text], kind="query")[0]
     return [(h.id, h.score, h.text, h.metadata) for h in store.query(vector, k=n, where=where)]
 

@@ -112,6 +112,10 @@ class EmbeddingSettings(_Model):
     batch_chunks: int = Field(256, ge=1, le=100_000,
                               description="chunks handed to the embedder at once, gathered "
                                           "across pages")
+    onnx_queries: bool = Field(
+        True, description="backend sentence-transformers: embed questions with an ONNX export "
+                          "of the model (onnxruntime, no torch import; made on first use under "
+                          "<data_dir>/models); false: load the model with torch")
 
     @model_validator(mode="after")
     def _base_url_for_openai(self) -> EmbeddingSettings:

@@ -58,7 +58,7 @@ from flows.settings import Settings, load_settings
 from flows.state import LeaseHeartbeat, StateStore, lease_holder_gone, lease_owner
 from transforms.batches import ChunkBatch
 from transforms.chunking import Chunk, ChunkingConfig, chunk_document
-from transforms.embedding import ModelTokenizer, load_tokenizer, resolve_model
+from transforms.embedding import Embedder, ModelTokenizer, load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -206,9 +206,17 @@ class Pipeline:
         return self._chunking
 
     def close(self) -> None:
+        """Release the state store and lexical index. When this run loaded the model in
+        process, also make its ONNX export for queries if missing (once per model: later
+        ``kbsync query`` runs then skip torch; see :mod:`transforms.onnx_embedding`)."""
         self.state.close()
         if self._lexical is not None:
             self._lexical.close()
+        e = self.settings.embedding
+        if isinstance(self._embedder, Embedder) and e.onnx_queries:
+            from transforms.onnx_embedding import ensure_export
+
+            ensure_export(e.spec(), self.settings.data_dir / "models")
 
 
 # ---------------------------------------------------------------------------- pages

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tarfile
@@ -80,3 +81,75 @@ def test_openai_backend_needs_a_base_url(tmp_path):
 
     with pytest.raises(ValueError, match="base_url"):
         Settings(data_dir=tmp_path, embedding={"backend": "openai"})
+
+
+@pytest.fixture(scope="session")
+def onnx_models(tmp_path_factory) -> Path:
+    """A models cache holding the packaged model's ONNX export, made on first use."""
+    from transforms.embedding import EmbedderSpec
+    from transforms.onnx_embedding import OnnxEmbedder, load_query_encoder
+
+    cache = tmp_path_factory.mktemp("models")
+    encoder = load_query_encoder(EmbedderSpec(), cache)
+    assert isinstance(encoder, OnnxEmbedder)
+    assert len(list(cache.glob("*.onnx"))) == 1
+    return cache
+
+
+def test_onnx_query_encoder_gives_the_models_own_vectors(embedder, onnx_models):
+    from transforms.embedding import EmbedderSpec
+    from transforms.onnx_embedding import load_query_encoder
+
+    onnx = load_query_encoder(EmbedderSpec(), onnx_models)
+    long_text = " ".join(text for _name, text in _aws_pages(3))  # thousands of tokens
+    texts = ["How do I rotate access keys?", "Как настроить репликацию бакета?",
+             long_text, "x", "a " * 300]
+    for kind in ("query", "passage"):
+        ours = onnx.encode(texts, kind=kind)
+        theirs = embedder.encode(texts, kind=kind)
+        assert ours.shape == theirs.shape == (len(texts), 384)
+        assert float(abs(ours - theirs).max()) < 1e-5
+    assert onnx.encode([]).shape == (0, 384)
+
+
+def test_a_model_with_a_dense_layer_keeps_the_torch_path(tmp_path):
+    from transforms.embedding import EmbedderSpec
+    from transforms.onnx_embedding import export_path
+
+    model = tmp_path / "my-model"
+    (model / "1_Pooling").mkdir(parents=True)
+    (model / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (model / "modules.json").write_text(json.dumps(modules))
+    assert export_path(EmbedderSpec(model=str(model)), tmp_path / "cache") is not None
+    modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    (model / "modules.json").write_text(json.dumps(modules))
+    assert export_path(EmbedderSpec(model=str(model)), tmp_path / "cache") is None
+    (model / "1_Pooling" / "config.json").write_text('{"pooling_mode_max_tokens": true}')
+    modules.pop()
+    (model / "modules.json").write_text(json.dumps(modules))
+    assert export_path(EmbedderSpec(model=str(model)), tmp_path / "cache") is None
+
+
+def test_query_path_with_the_onnx_export_never_imports_torch(tmp_path, onnx_models):
+    import shutil
+
+    shutil.copytree(onnx_models, tmp_path / "models")
+    code = (
+        "import sys\n"
+        "from flows.settings import Settings\n"
+        "import flows.retrieve, flows.cli\n"
+        "s = Settings(data_dir=sys.argv[1])\n"
+        "from flows.retrieve import hybrid_weights, query_encoder\n"
+        "e = query_encoder(s)\n"
+        "assert type(e).__name__ == 'OnnxEmbedder', e\n"
+        "assert e.encode(['How do I rotate keys?'], kind='query').shape == (1, 384)\n"
+        "hybrid_weights(s, 'How do I rotate keys?')\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in"
+        " ('torch', 'sentence_transformers', 'transformers', 'scipy', 'git'))\n"
+        "print(bad)\n"
+        "sys.exit(1 if bad else 0)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -20,11 +20,12 @@ Cyrillic letters) labels a whole text when a caller needs one language.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from functools import lru_cache
+from pathlib import Path
 
 import Stemmer
-from bm25s.stopwords import STOPWORDS_EN, STOPWORDS_RUSSIAN
 
 #: Bump when analysis changes: the lexical index is rebuilt when its version differs.
 ANALYZER_VERSION = 1
@@ -35,6 +36,22 @@ _LATIN = re.compile(r"[A-Za-z\u00C0-\u024F]")
 # identifier parts: "HTTPServer2Go" -> HTTP, Server, 2, Go
 _PARTS = re.compile(r"[A-Z]+(?=[A-Z][a-z]|\d|$)|[A-Z]?[a-z]+|[A-Z]+|\d+|[\u0400-\u04FF]+")
 
+
+def _bm25s_stopwords() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(STOPWORDS_EN, STOPWORDS_RUSSIAN)`` of ``bm25s.stopwords``, read from that
+    module's file without running ``bm25s/__init__`` (which imports scipy: ~0.3 s of
+    every CLI command's start-up). The module is plain data with no imports."""
+    package = importlib.util.find_spec("bm25s")
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("bm25s is not installed (pip install bm25s)")
+    location = Path(next(iter(package.submodule_search_locations))) / "stopwords.py"
+    spec = importlib.util.spec_from_file_location("_kbsync_bm25s_stopwords", location)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return tuple(module.STOPWORDS_EN), tuple(module.STOPWORDS_RUSSIAN)
+
+
+STOPWORDS_EN, STOPWORDS_RUSSIAN = _bm25s_stopwords()
 _STOP = frozenset(STOPWORDS_EN) | frozenset(w.replace("ё", "е") for w in STOPWORDS_RUSSIAN)
 _STEMMERS = {"ru": Stemmer.Stemmer("russian"), "en": Stemmer.Stemmer("english")}
 
