@@ -84,15 +84,15 @@ def _where(source: str | None, filters: dict[str, Any] | None) -> dict[str, Any]
 
 def query_encoder(settings: Settings) -> Any:
     """The embedder for questions: with the in-process backend and
-    ``embedding.onnx_queries`` (default), the model's ONNX export under
-    ``<data_dir>/models`` run by onnxruntime (no torch import; see
+    ``embedding.onnx_queries`` (default), the model's ONNX export (in
+    ``embedding.onnx_dir()``) run by onnxruntime (no torch import; see
     :mod:`transforms.onnx_embedding`); otherwise ``settings.embedding.encoder()``."""
     e = settings.embedding
     if e.backend != "sentence-transformers" or not e.onnx_queries:
         return e.encoder()
     from transforms.onnx_embedding import load_query_encoder
 
-    return load_query_encoder(e.spec(), settings.data_dir / "models")
+    return load_query_encoder(e.spec(), e.onnx_dir())
 
 
 def _dense(settings: Settings, store: ChromaStore, text: str, n: int,

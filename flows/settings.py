@@ -114,8 +114,11 @@ class EmbeddingSettings(_Model):
                                           "across pages")
     onnx_queries: bool = Field(
         True, description="backend sentence-transformers: embed questions with an ONNX export "
-                          "of the model (onnxruntime, no torch import; made on first use under "
-                          "<data_dir>/models); false: load the model with torch")
+                          "of the model (onnxruntime, no torch import; made once per model, by "
+                          "the first sync that loads it or the first query); false: torch")
+    onnx_cache: Path | None = Field(
+        None, description="where the ONNX exports live; default "
+                          "$XDG_CACHE_HOME/kbsync/onnx (~/.cache/kbsync/onnx)")
 
     @model_validator(mode="after")
     def _base_url_for_openai(self) -> EmbeddingSettings:
@@ -128,6 +131,13 @@ class EmbeddingSettings(_Model):
                             offline=self.offline, backend=self.backend, base_url=self.base_url,
                             timeout_seconds=self.request_timeout_seconds,
                             retries=self.request_retries)
+
+    def onnx_dir(self) -> Path:
+        """The folder of the ONNX exports (``onnx_cache``, else the user's cache)."""
+        if self.onnx_cache is not None:
+            return self.onnx_cache.expanduser()
+        cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        return Path(cache) / "kbsync" / "onnx"
 
     def encoder(self) -> Any:
         """The embedder for these settings (see :func:`connectors.embeddings.load_encoder`)."""

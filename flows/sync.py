@@ -216,7 +216,7 @@ class Pipeline:
         if isinstance(self._embedder, Embedder) and e.onnx_queries:
             from transforms.onnx_embedding import ensure_export
 
-            ensure_export(e.spec(), self.settings.data_dir / "models")
+            ensure_export(e.spec(), e.onnx_dir())
 
 
 # ---------------------------------------------------------------------------- pages

@@ -19,6 +19,8 @@ import pytest
 
 _PREFECT_HOME = tempfile.mkdtemp(prefix="kbsync-prefect-home-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
+# the ONNX query exports (embedding.onnx_cache default): one per session, not the user's
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="kbsync-cache-")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 for _var in ("KBSYNC_CONFIG", "KBSYNC_STATE_URL", "KBSYNC_DATA_DIR", "KBSYNC_SOURCES"):

@@ -133,14 +133,11 @@ def test_a_model_with_a_dense_layer_keeps_the_torch_path(tmp_path):
 
 
 def test_query_path_with_the_onnx_export_never_imports_torch(tmp_path, onnx_models):
-    import shutil
-
-    shutil.copytree(onnx_models, tmp_path / "models")
     code = (
         "import sys\n"
         "from flows.settings import Settings\n"
         "import flows.retrieve, flows.cli\n"
-        "s = Settings(data_dir=sys.argv[1])\n"
+        "s = Settings(data_dir=sys.argv[1], embedding={'onnx_cache': sys.argv[2]})\n"
         "from flows.retrieve import hybrid_weights, query_encoder\n"
         "e = query_encoder(s)\n"
         "assert type(e).__name__ == 'OnnxEmbedder', e\n"
@@ -150,6 +147,27 @@ def test_query_path_with_the_onnx_export_never_imports_torch(tmp_path, onnx_mode
         " ('torch', 'sentence_transformers', 'transformers', 'scipy', 'git'))\n"
         "print(bad)\n"
         "sys.exit(1 if bad else 0)\n")
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(onnx_models)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_sync_that_loads_the_model_leaves_the_export_queries_use(make_repo, make_settings,
+                                                                   tmp_path):
+    from flows.retrieve import query_encoder, retrieve
+    from tests.test_sync import sync
+
+    repo = make_repo({"docs/keys.md": "# Keys\n\nRotate access keys every 90 days.\n",
+                      "docs/buckets.md": "# Buckets\n\nA bucket holds objects.\n"})
+    cache = tmp_path / "onnx"
+    settings = make_settings(repo, embedding={"onnx_cache": cache})
+    assert sync(settings)["chunks_embedded"] > 0
+    assert len(list(cache.glob("*.onnx"))) == 1
+    assert type(query_encoder(settings)).__name__ == "OnnxEmbedder"
+    onnx = retrieve(settings, "how often should keys be rotated", k=2, mode="dense")
+    torch_settings = make_settings(repo, embedding={"onnx_cache": cache, "onnx_queries": False})
+    assert type(query_encoder(torch_settings)).__name__ == "Embedder"
+    torch = retrieve(torch_settings, "how often should keys be rotated", k=2, mode="dense")
+    assert [c.chunk_id for c in onnx] == [c.chunk_id for c in torch]
+    assert onnx[0].doc_id == "src0:docs/keys.md"
+    assert abs(onnx[0].score - torch[0].score) < 1e-5

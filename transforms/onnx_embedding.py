@@ -7,7 +7,8 @@ installed: chromadb depends on it) runs that forward pass in ~0.3 s of import pl
 milliseconds per question.
 
 The export is written the first time a process has to load the model anyway (the first
-``kbsync query``, or a sync that embedded something) under ``<data_dir>/models/``, keyed
+``kbsync query``, or a sync that embedded something) into the user's cache
+(``embedding.onnx_cache``, default ``~/.cache/kbsync/onnx``, shared by data dirs), keyed
 by the model's identity and its weight files' sizes and modification times, so a changed
 model is exported anew. Only sentence-transformers models made of a ``Transformer``, a
 ``Pooling`` (mean or CLS) and optionally a ``Normalize`` module qualify (MiniLM, mpnet,
@@ -257,7 +258,7 @@ def ensure_export(spec: EmbedderSpec, cache_dir: Path) -> Path | None:
         return path
     try:
         return export_onnx(spec, path)
-    except EmbeddingModelError as exc:
+    except (EmbeddingModelError, OSError) as exc:
         log.warning("queries keep the torch path: %s", exc)
         return None
 
