@@ -328,12 +328,15 @@ def plan_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> PagePlan:
     Raises:
         connectors.chroma.EmbeddingModelMismatch: the collection holds another model.
     """
-    store = pipeline.store
     failures = [i for i in page.issues if i.kind == "failed"]
     documents = list({doc.id: doc for doc in page.documents}.values())
     skipped = [i for i in page.issues if i.kind == "skipped"]
     # skipped documents (became binary, too large, empty) leave the index too
     gone_ids = list(dict.fromkeys(page.deletions + [i.doc_id for i in skipped]))
+    batch = ChunkBatch(source=summary.source, model=pipeline.model_name)
+    if not documents and not gone_ids:  # nothing changed (a no-op sync): no index read
+        return PagePlan(page, batch, failures, skipped, {i.doc_id for i in page.issues})
+    store = pipeline.store
 
     with summary.timed("write"):
         indexed = store.indexed_documents([d.id for d in documents] + gone_ids)
@@ -363,7 +366,6 @@ def plan_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> PagePlan:
     all_ids = [c.id for _, _, chunks, _ in planned for c in chunks]
     with summary.timed("write"):
         existing = store.existing_ids(all_ids) if all_ids else set()
-    batch = ChunkBatch(source=summary.source, model=pipeline.model_name)
     for doc, doc_hash, chunks, before in planned:
         for chunk in chunks:
             meta = chunk_metadata(doc, doc_hash, chunk, len(chunks))
@@ -489,7 +491,7 @@ class BatchWriter:
         for stage, value in seconds.items():
             summary.seconds[stage] = round(summary.seconds.get(stage, 0.0) + value, 4)
         with summary.timed("write"):
-            if self.pipeline.settings.embedding.mode != "remote":
+            if self.pipeline.settings.embedding.mode != "remote" and not batch.empty:
                 write_batch(batch, vectors, self.pipeline.store, self.pipeline.lexical)
             for plan in group:
                 # every document read cleanly on the page (changed or not) clears an older
