@@ -64,6 +64,7 @@ class KillRecord:
     round: int
     delay_s: float
     killed: bool
+    phase: str = "full"
     resume_wait_s: float = 0.0
     refused: bool = False
     computed: bool = False
@@ -76,6 +77,8 @@ class ChaosResult:
     seed: int
     kills_attempted: int = 0
     kills: int = 0
+    kills_full: int = 0
+    kills_incremental: int = 0
     kills_survived: int = 0
     runs_completed_before_kill: int = 0
     refused_runs: int = 0
@@ -336,6 +339,7 @@ def run_chaos(*, work: Path, code: Path, docs: int, kills: int, seed: int,
 
     proc = start()
     held = _wait_for_lease(proc, data)
+    completed = False  # whether the first (full) sync finished: later kills hit increments
     while result.kills < kills and result.kills_attempted < kills * 3:
         result.kills_attempted += 1
         delay = rng.uniform(0.05, 1.0) * span
@@ -348,6 +352,7 @@ def run_chaos(*, work: Path, code: Path, docs: int, kills: int, seed: int,
             if proc.returncode != 0:
                 raise RuntimeError(f"a run failed (rc {proc.returncode}):\n{output()[-3000:]}")
             result.runs_completed_before_kill += 1
+            completed = True
             span = time.monotonic() - held
             log(f"run {runs}: completed ({span:.1f} s) before its kill point ({delay:.1f} s)")
             repo.change(change_size)
@@ -356,7 +361,12 @@ def run_chaos(*, work: Path, code: Path, docs: int, kills: int, seed: int,
             continue
         killed_at, kill_clock = datetime.now(UTC), time.monotonic()
         result.kills += 1
-        record = KillRecord(runs, round(delay, 2), True)
+        phase = "incremental" if completed else "full"
+        if completed:
+            result.kills_incremental += 1
+        else:
+            result.kills_full += 1
+        record = KillRecord(runs, round(delay, 2), True, phase)
         proc = start()
         held = _wait_for_lease(proc, data)
         if proc.returncode not in (None, 0) and BUSY_MARK in output():
@@ -375,9 +385,10 @@ def run_chaos(*, work: Path, code: Path, docs: int, kills: int, seed: int,
                                f"{output()[-3000:]}")
         else:
             record.resume_wait_s = round(held - kill_clock, 1)
-            log(f"run {runs - 1}: killed {delay:.1f} s into its work; run {runs} held the "
-                f"lease {record.resume_wait_s:.1f} s after the kill")
-        if proc.returncode == 0:  # it already finished: give the next round work
+            log(f"run {runs - 1} ({phase}): killed {delay:.1f} s into its work; run {runs} "
+                f"held the lease {record.resume_wait_s:.1f} s after the kill")
+        if proc.returncode == 0:
+            completed = True  # it already finished: give the next round work
             repo.change(change_size)
             proc = start()
             held = _wait_for_lease(proc, data)
