@@ -284,7 +284,7 @@ def _wait_for_lease(proc: subprocess.Popen, data_dir: Path, timeout: float = 600
 def run_chaos(*, work: Path, code: Path, docs: int, kills: int, seed: int,
               api_url: str | None, realdata: Path = DEFAULT_REALDATA, change_size: int = 4,
               max_file_bytes: int | None = None, span: float | None = None,
-              log=print) -> ChaosResult:
+              full_kills: int | None = None, log=print) -> ChaosResult:
     """Run the chaos rounds and compare with a clean build; see the module docstring.
 
     An uninterrupted calibration run (a clean build of the initial commit, in a data dir
@@ -306,6 +306,11 @@ def run_chaos(*, work: Path, code: Path, docs: int, kills: int, seed: int,
         max_file_bytes: sample only pages up to this size (small, fast rounds).
         span: seconds a run works once it holds its lease, instead of calibrating it
             (saves the calibration run in the fast test).
+        full_kills: the most kills delivered to the first (full) sync; after them it
+            runs to its end, one uninterrupted incremental round measures the span of
+            an incremental run, and the remaining kills hit incremental rounds (edits,
+            additions, deletions). ``None``: kills fall wherever the seeded points put
+            them (a long full sync can take all of them).
     """
     started = time.monotonic()
     rng = random.Random(seed)
@@ -341,6 +346,22 @@ def run_chaos(*, work: Path, code: Path, docs: int, kills: int, seed: int,
     held = _wait_for_lease(proc, data)
     completed = False  # whether the first (full) sync finished: later kills hit increments
     while result.kills < kills and result.kills_attempted < kills * 3:
+        if not completed and full_kills is not None and result.kills >= full_kills:
+            # the full sync had its kills: let it end, then time an incremental round
+            if proc.wait(timeout=1800) != 0:
+                raise RuntimeError(f"a run failed (rc {proc.returncode}):\n{output()[-3000:]}")
+            completed = True
+            repo.change(change_size)
+            proc = start()
+            held = _wait_for_lease(proc, data)
+            if proc.wait(timeout=1800) != 0:
+                raise RuntimeError(f"a run failed (rc {proc.returncode}):\n{output()[-3000:]}")
+            span = time.monotonic() - held
+            log(f"run {runs}: an uninterrupted incremental round works {span:.1f} s")
+            repo.change(change_size)
+            proc = start()
+            held = _wait_for_lease(proc, data)
+            continue
         result.kills_attempted += 1
         delay = rng.uniform(0.05, 1.0) * span
         try:
@@ -432,6 +453,8 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--change-size", type=int, default=4)
+    parser.add_argument("--full-kills", type=int, default=None,
+                        help="most kills in the first full sync (default: half of --kills)")
     parser.add_argument("--code", type=Path, default=ROOT,
                         help="checkout whose kbsync runs (default: this one)")
     parser.add_argument("--realdata", type=Path, default=DEFAULT_REALDATA)
@@ -448,7 +471,9 @@ def main() -> None:
         result = run_chaos(work=Path(tmp), code=args.code.resolve(), docs=args.docs,
                            kills=args.kills, seed=args.seed, api_url=PREFECT_API_URL.value(),
                            realdata=args.realdata, change_size=args.change_size,
-                           max_file_bytes=args.max_file_bytes)
+                           max_file_bytes=args.max_file_bytes,
+                           full_kills=args.kills // 2 if args.full_kills is None
+                           else args.full_kills)
     from benchmarks.common import print_table, write_json
 
     print_table(f"chaos: {args.kills} x SIGKILL, {args.docs} AWS pages, seed {args.seed}, "
