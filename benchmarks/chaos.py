@@ -22,7 +22,7 @@ until the source syncs again after a kill (max and median), chunks embedded by a
 Runs against any checkout: ``--code DIR`` is put first on the subprocesses' PYTHONPATH,
 so ``--code /work/main`` measures main and the default measures this tree.
 
-    python benchmarks/chaos.py --kills 8 --docs 40 --seed 13 [--code /work/main]
+    python benchmarks/chaos.py --kills 8 --docs 40 --seed 13 [--full-kills 4] [--code /work/main]
 
 Prints a table and writes JSON (``--out``, default ``benchmarks/results/chaos.json``).
 """
@@ -293,8 +293,9 @@ def run_chaos(*, work: Path, code: Path, docs: int, kills: int, seed: int,
     span after it took the lease (so kills land in fetching, chunking, embedding and
     writing, not in the process start), and the next run starts at once; its wait is
     measured from the kill until it holds the lease (read from the state database). A
-    run that completes before its kill point sets the span for the next ones and gets a
-    new commit. After ``kills`` kills, the last run goes to the end.
+    run that completes before its kill point gets a new commit; if it started on a new
+    commit (not a resume after a kill) its time is the span for the next ones. After
+    ``kills`` kills, the last run goes to the end.
 
     Args:
         work: an empty directory for the repository, data dirs, logs.
@@ -345,6 +346,7 @@ def run_chaos(*, work: Path, code: Path, docs: int, kills: int, seed: int,
     proc = start()
     held = _wait_for_lease(proc, data)
     completed = False  # whether the first (full) sync finished: later kills hit increments
+    fresh = True  # whether the running run started a read (not a resume after a kill)
     while result.kills < kills and result.kills_attempted < kills * 3:
         if not completed and full_kills is not None and result.kills >= full_kills:
             # the full sync had its kills: let it end, then time an incremental round
@@ -359,7 +361,7 @@ def run_chaos(*, work: Path, code: Path, docs: int, kills: int, seed: int,
             span = time.monotonic() - held
             log(f"run {runs}: an uninterrupted incremental round works {span:.1f} s")
             repo.change(change_size)
-            proc = start()
+            proc, fresh = start(), True
             held = _wait_for_lease(proc, data)
             continue
         result.kills_attempted += 1
@@ -374,10 +376,12 @@ def run_chaos(*, work: Path, code: Path, docs: int, kills: int, seed: int,
                 raise RuntimeError(f"a run failed (rc {proc.returncode}):\n{output()[-3000:]}")
             result.runs_completed_before_kill += 1
             completed = True
-            span = time.monotonic() - held
-            log(f"run {runs}: completed ({span:.1f} s) before its kill point ({delay:.1f} s)")
+            worked = time.monotonic() - held
+            if fresh:  # a resumed run's rest of the work is no measure of a whole run
+                span = worked
+            log(f"run {runs}: completed ({worked:.1f} s) before its kill point ({delay:.1f} s)")
             repo.change(change_size)
-            proc = start()
+            proc, fresh = start(), True
             held = _wait_for_lease(proc, data)
             continue
         killed_at, kill_clock = datetime.now(UTC), time.monotonic()
@@ -388,7 +392,7 @@ def run_chaos(*, work: Path, code: Path, docs: int, kills: int, seed: int,
         else:
             result.kills_full += 1
         record = KillRecord(runs, round(delay, 2), True, phase)
-        proc = start()
+        proc, fresh = start(), False
         held = _wait_for_lease(proc, data)
         if proc.returncode not in (None, 0) and BUSY_MARK in output():
             record.refused = record.computed = True
@@ -411,7 +415,7 @@ def run_chaos(*, work: Path, code: Path, docs: int, kills: int, seed: int,
         if proc.returncode == 0:
             completed = True  # it already finished: give the next round work
             repo.change(change_size)
-            proc = start()
+            proc, fresh = start(), True
             held = _wait_for_lease(proc, data)
         result.records.append(record)
 
