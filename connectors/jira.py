@@ -80,7 +80,6 @@ from connectors.base import (
     Cursor,
     Document,
     DocumentIssue,
-    EntityError,
     FetchRequest,
     Listing,
     Page,

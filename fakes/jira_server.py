@@ -131,12 +131,15 @@ class FakeJira:
             the rest for ``issue/{key}/comment``).
         max_results_cap: the most issues per page the site returns, whatever is asked.
         auth: the ``Authorization`` header every request must carry (else 401).
+        projects: project keys that exist even without issues (a JQL naming any other
+            project than these and the issues' is answered with Jira's 400).
     """
 
     def __init__(self, server, issues: Iterable[dict[str, Any]] = (), *, cloud: bool = False,
                  matches: Callable[[dict[str, Any]], bool] | None = None,
                  inline_comments: int = 50, max_results_cap: int = 1000,
-                 auth: str | None = None, fields: list[dict[str, Any]] | None = None) -> None:
+                 auth: str | None = None, fields: list[dict[str, Any]] | None = None,
+                 projects: Iterable[str] = ()) -> None:
         from werkzeug import Response
 
         self._response_cls = Response
@@ -155,6 +158,8 @@ class FakeJira:
              "schema": {"type": "any", "custom": "com.pyxis.greenhopper.jira:gh-epic-link",
                         "customId": 10008}},
         ]
+        #: project keys that exist besides those of the issues (a project may be empty)
+        self.projects: set[str] = set(projects)
         self.issues: dict[str, dict[str, Any]] = {}
         for issue in issues:
             self.put(issue)
@@ -315,7 +320,8 @@ class FakeJira:
         if cloud_path != self.cloud:
             return self._json({"errorMessages": ["wrong search endpoint for this site"]}, 410)
         jql = request.args.get("jql", "")
-        known = {self.project_of(i) for i in self.issues.values()} - self.hidden_projects
+        known = (self.projects | {self.project_of(i) for i in self.issues.values()}) - \
+            self.hidden_projects
         for key in self.named_projects(jql):
             if key not in known:  # Jira's answer for a missing or unbrowsable project
                 return self._json({"errorMessages": [
