@@ -22,7 +22,7 @@ until the source syncs again after a kill (max and median), chunks embedded by a
 Runs against any checkout: ``--code DIR`` is put first on the subprocesses' PYTHONPATH,
 so ``--code /work/main`` measures main and the default measures this tree.
 
-    python benchmarks/chaos.py --kills 8 --docs 40 --seed 13 [--code /work/main]
+    python benchmarks/chaos.py --kills 8 --docs 40 --seed 13 [--full-kills 4] [--code /work/main]
 
 Prints a table and writes JSON (``--out``, default ``benchmarks/results/chaos.json``).
 """
@@ -64,6 +64,7 @@ class KillRecord:
     round: int
     delay_s: float
     killed: bool
+    phase: str = "full"
     resume_wait_s: float = 0.0
     refused: bool = False
     computed: bool = False
@@ -76,6 +77,8 @@ class ChaosResult:
     seed: int
     kills_attempted: int = 0
     kills: int = 0
+    kills_full: int = 0
+    kills_incremental: int = 0
     kills_survived: int = 0
     runs_completed_before_kill: int = 0
     refused_runs: int = 0
@@ -281,7 +284,7 @@ def _wait_for_lease(proc: subprocess.Popen, data_dir: Path, timeout: float = 600
 def run_chaos(*, work: Path, code: Path, docs: int, kills: int, seed: int,
               api_url: str | None, realdata: Path = DEFAULT_REALDATA, change_size: int = 4,
               max_file_bytes: int | None = None, span: float | None = None,
-              log=print) -> ChaosResult:
+              full_kills: int | None = None, log=print) -> ChaosResult:
     """Run the chaos rounds and compare with a clean build; see the module docstring.
 
     An uninterrupted calibration run (a clean build of the initial commit, in a data dir
@@ -290,8 +293,9 @@ def run_chaos(*, work: Path, code: Path, docs: int, kills: int, seed: int,
     span after it took the lease (so kills land in fetching, chunking, embedding and
     writing, not in the process start), and the next run starts at once; its wait is
     measured from the kill until it holds the lease (read from the state database). A
-    run that completes before its kill point sets the span for the next ones and gets a
-    new commit. After ``kills`` kills, the last run goes to the end.
+    run that completes before its kill point gets a new commit; if it started on a new
+    commit (not a resume after a kill) its time is the span for the next ones. After
+    ``kills`` kills, the last run goes to the end.
 
     Args:
         work: an empty directory for the repository, data dirs, logs.
@@ -303,6 +307,11 @@ def run_chaos(*, work: Path, code: Path, docs: int, kills: int, seed: int,
         max_file_bytes: sample only pages up to this size (small, fast rounds).
         span: seconds a run works once it holds its lease, instead of calibrating it
             (saves the calibration run in the fast test).
+        full_kills: the most kills delivered to the first (full) sync; after them it
+            runs to its end, one uninterrupted incremental round measures the span of
+            an incremental run, and the remaining kills hit incremental rounds (edits,
+            additions, deletions). ``None``: kills fall wherever the seeded points put
+            them (a long full sync can take all of them).
     """
     started = time.monotonic()
     rng = random.Random(seed)
@@ -336,7 +345,25 @@ def run_chaos(*, work: Path, code: Path, docs: int, kills: int, seed: int,
 
     proc = start()
     held = _wait_for_lease(proc, data)
+    completed = False  # whether the first (full) sync finished: later kills hit increments
+    fresh = True  # whether the running run started a read (not a resume after a kill)
     while result.kills < kills and result.kills_attempted < kills * 3:
+        if not completed and full_kills is not None and result.kills >= full_kills:
+            # the full sync had its kills: let it end, then time an incremental round
+            if proc.wait(timeout=1800) != 0:
+                raise RuntimeError(f"a run failed (rc {proc.returncode}):\n{output()[-3000:]}")
+            completed = True
+            repo.change(change_size)
+            proc = start()
+            held = _wait_for_lease(proc, data)
+            if proc.wait(timeout=1800) != 0:
+                raise RuntimeError(f"a run failed (rc {proc.returncode}):\n{output()[-3000:]}")
+            span = time.monotonic() - held
+            log(f"run {runs}: an uninterrupted incremental round works {span:.1f} s")
+            repo.change(change_size)
+            proc, fresh = start(), True
+            held = _wait_for_lease(proc, data)
+            continue
         result.kills_attempted += 1
         delay = rng.uniform(0.05, 1.0) * span
         try:
@@ -348,16 +375,24 @@ def run_chaos(*, work: Path, code: Path, docs: int, kills: int, seed: int,
             if proc.returncode != 0:
                 raise RuntimeError(f"a run failed (rc {proc.returncode}):\n{output()[-3000:]}")
             result.runs_completed_before_kill += 1
-            span = time.monotonic() - held
-            log(f"run {runs}: completed ({span:.1f} s) before its kill point ({delay:.1f} s)")
+            completed = True
+            worked = time.monotonic() - held
+            if fresh:  # a resumed run's rest of the work is no measure of a whole run
+                span = worked
+            log(f"run {runs}: completed ({worked:.1f} s) before its kill point ({delay:.1f} s)")
             repo.change(change_size)
-            proc = start()
+            proc, fresh = start(), True
             held = _wait_for_lease(proc, data)
             continue
         killed_at, kill_clock = datetime.now(UTC), time.monotonic()
         result.kills += 1
-        record = KillRecord(runs, round(delay, 2), True)
-        proc = start()
+        phase = "incremental" if completed else "full"
+        if completed:
+            result.kills_incremental += 1
+        else:
+            result.kills_full += 1
+        record = KillRecord(runs, round(delay, 2), True, phase)
+        proc, fresh = start(), False
         held = _wait_for_lease(proc, data)
         if proc.returncode not in (None, 0) and BUSY_MARK in output():
             record.refused = record.computed = True
@@ -375,11 +410,12 @@ def run_chaos(*, work: Path, code: Path, docs: int, kills: int, seed: int,
                                f"{output()[-3000:]}")
         else:
             record.resume_wait_s = round(held - kill_clock, 1)
-            log(f"run {runs - 1}: killed {delay:.1f} s into its work; run {runs} held the "
-                f"lease {record.resume_wait_s:.1f} s after the kill")
-        if proc.returncode == 0:  # it already finished: give the next round work
+            log(f"run {runs - 1} ({phase}): killed {delay:.1f} s into its work; run {runs} "
+                f"held the lease {record.resume_wait_s:.1f} s after the kill")
+        if proc.returncode == 0:
+            completed = True  # it already finished: give the next round work
             repo.change(change_size)
-            proc = start()
+            proc, fresh = start(), True
             held = _wait_for_lease(proc, data)
         result.records.append(record)
 
@@ -421,6 +457,8 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--change-size", type=int, default=4)
+    parser.add_argument("--full-kills", type=int, default=None,
+                        help="most kills in the first full sync (default: half of --kills)")
     parser.add_argument("--code", type=Path, default=ROOT,
                         help="checkout whose kbsync runs (default: this one)")
     parser.add_argument("--realdata", type=Path, default=DEFAULT_REALDATA)
@@ -437,7 +475,9 @@ def main() -> None:
         result = run_chaos(work=Path(tmp), code=args.code.resolve(), docs=args.docs,
                            kills=args.kills, seed=args.seed, api_url=PREFECT_API_URL.value(),
                            realdata=args.realdata, change_size=args.change_size,
-                           max_file_bytes=args.max_file_bytes)
+                           max_file_bytes=args.max_file_bytes,
+                           full_kills=args.kills // 2 if args.full_kills is None
+                           else args.full_kills)
     from benchmarks.common import print_table, write_json
 
     print_table(f"chaos: {args.kills} x SIGKILL, {args.docs} AWS pages, seed {args.seed}, "

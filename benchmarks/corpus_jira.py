@@ -14,7 +14,7 @@ from common import ROOT
 
 sys.path.insert(0, str(ROOT))
 
-from fakes.jira_server import FakeJira, load_archive  # noqa: E402
+from fakes.jira_server import ARCHIVE_PROJECTS, FakeJira, load_archive  # noqa: E402
 
 
 class BenchCorpus:
@@ -35,7 +35,7 @@ class BenchCorpus:
             every = [every[int(i * step)] for i in range(issues)]
         self.server = HTTPServer(host="127.0.0.1", port=0)
         self.server.start()
-        self.fake = FakeJira(self.server, every)
+        self.fake = FakeJira(self.server, every, projects=ARCHIVE_PROJECTS)
         self.count = len(every)
 
     @property

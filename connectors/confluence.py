@@ -21,6 +21,14 @@ the edge so nothing is missed. Results of the overlap whose version is in
 ``cursor.seen`` are skipped without converting them; everything else is converted and
 the flow's content hash skips what did not change.
 
+**Several spaces** are read one search each (``space = "KEY" and ...``), each with its
+own watermark: the cursor is ``{"spaces": {KEY: <watermark>}, "version": 1}``. Before
+its search, a space is looked up (``GET rest/api/space/{key}``), because CQL silently
+leaves out the content of a space the account may not view; a space answering 403/404
+there or on its search is a failed entity, its watermark holds and the others move
+(see :meth:`ConfluenceConnector._fetch_spaces`). A single-space cursor records its
+``scope``, so a space added later is read from the beginning.
+
 Bodies come with the search (``expand=body.storage,...``), so a page costs no request of
 its own; only a result without a body is fetched again by id. Results are paged with the
 API's own ``start``/``limit`` and ``_links.next``
@@ -71,6 +79,7 @@ import logging
 import re
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import parse_qsl, quote, urlparse
@@ -81,10 +90,13 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 
 from connectors import http
 from connectors.base import (
+    ENTITY_TITLE,
+    WATERMARK_VERSION,
     Checkpoint,
     ConnectorError,
     Document,
     DocumentIssue,
+    EntityError,
     FetchRequest,
     Listing,
     Page,
@@ -284,6 +296,11 @@ def cql_date(moment: datetime, zone: str) -> str:
     return utc(moment).astimezone(ZoneInfo(zone)).strftime(CQL_DATE)
 
 
+def _space_refused(exc: ConnectorError) -> bool:
+    """Whether a search of one space was refused with 403/404 (that space fails alone)."""
+    return getattr(exc, "status", None) in (403, 404)
+
+
 def _quote_cql(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -409,20 +426,35 @@ class ConfluenceConnector:
             types.append("attachment")
         return types
 
-    def scope_cql(self) -> str:
-        """The CQL of everything this source covers (spaces and/or the user's CQL, types)."""
+    @property
+    def spaces(self) -> list[str]:
+        """The configured space keys, each once, in the configured order."""
+        return list(dict.fromkeys(self.options.spaces))
+
+    @property
+    def per_space(self) -> bool:
+        """Whether spaces are read one search each (several spaces configured), so that
+        one space that cannot be read fails alone (see :meth:`fetch`)."""
+        return len(self.spaces) > 1
+
+    def scope_cql(self, space: str | None = None) -> str:
+        """The CQL of everything this source covers (spaces and/or the user's CQL, types);
+        with ``space``, of that one space only."""
         clauses = []
-        if self.options.spaces:
+        if space is not None:
+            clauses.append(f"space = {_quote_cql(space)}")
+        elif self.options.spaces:
             clauses.append(f"space in ({','.join(_quote_cql(s) for s in self.options.spaces)})")
         if self.options.cql:
             clauses.append(f"({self.options.cql})")
         clauses.append(f"type in ({','.join(self._types())})")
         return " and ".join(clauses)
 
-    def changes_cql(self, request: FetchRequest) -> str:
-        """The search for a request: the scope, a ``lastmodified`` window, ordered."""
+    def changes_cql(self, request: FetchRequest, space: str | None = None) -> str:
+        """The search for a request: the scope (of one ``space`` when given), a
+        ``lastmodified`` window (from ``request.cursor``, a watermark), ordered."""
         overlap = timedelta(minutes=self.options.overlap_minutes)
-        clauses = [self.scope_cql()]
+        clauses = [self.scope_cql(space)]
         zone = self.options.timezone
         if request.is_backfill:
             clauses.append(f'lastmodified >= "{cql_date(request.since - overlap, zone)}"')
@@ -468,7 +500,9 @@ class ConfluenceConnector:
             404: f"no search API at {self.options.api_url} (check base_url; Cloud sites "
                  "are https://<site>.atlassian.net/wiki)",
         }.get(exc.status, "the request was refused")
-        return self._error(f"{hint} ({exc}; at {where})")
+        error = self._error(f"{hint} ({exc}; at {where})")
+        error.status = exc.status  # type: ignore[attr-defined] - read by _space_refused
+        return error
 
     @staticmethod
     def _next_params(response: dict[str, Any], sent: dict[str, Any], received: int
@@ -539,10 +573,27 @@ class ConfluenceConnector:
         """Yield the pages, blog posts and attachments that changed, one results page
         of the search at a time (see the module docstring).
 
-        The checkpoint is ``{"params": <next search parameters>, "watermark": <the
-        Watermark so far>, "anchor": <last id read>, "anchor_when"}``; the last page's
-        ``cursor`` is the :class:`Watermark` ``{"when", "seen", "version"}``.
+        One configured space (or none: a ``cql`` scope): one search. The checkpoint is
+        ``{"params": <next search parameters>, "watermark": <the Watermark so far>,
+        "anchor": <last id read>, "anchor_when"}``; the last page's ``cursor`` is the
+        :class:`Watermark` ``{"when", "seen", "version", "scope": [<space>]}``.
+
+        Several spaces: one search per space, see :meth:`_fetch_spaces`.
         """
+        if self.per_space:
+            yield from self._fetch_spaces(request, checkpoint)
+            return
+        cursor = self._cursor_of(request.cursor, self.spaces[0]) if self.spaces else \
+            request.cursor
+        for page in self._fetch_scope(replace(request, cursor=cursor), checkpoint, None):
+            if page.cursor is not None and self.spaces:
+                page.cursor = {**page.cursor, "scope": self.spaces}
+            yield page
+
+    def _fetch_scope(self, request: FetchRequest, checkpoint: Checkpoint | None,
+                     space: str | None) -> Iterator[Page]:
+        """The pages of one search: the whole scope, or one ``space``'s
+        (``request.cursor`` is that search's watermark)."""
         incremental = not request.is_backfill and request.cursor is not None
         wm = self._watermark(request.cursor if incremental else None)
         state: dict[str, Any] = {"anchor": None, "anchor_when": None}
@@ -551,7 +602,7 @@ class ConfluenceConnector:
             wm = wm.restore(checkpoint.get("watermark"))
             params = dict(checkpoint["params"]) if checkpoint["params"] else None
         else:
-            params = {"cql": self.changes_cql(request), "expand": EXPAND,
+            params = {"cql": self.changes_cql(request, space), "expand": EXPAND,
                       "limit": self.options.page_size, "start": 0}
         state["watermark"] = wm
         emitted = False
@@ -595,6 +646,125 @@ class ConfluenceConnector:
     def _watermark(self, cursor: dict[str, Any] | None) -> Watermark:
         return Watermark.read(cursor, key="when",
                               lag=timedelta(minutes=self.options.overlap_minutes))
+
+    @staticmethod
+    def _cursor_of(cursor: dict[str, Any] | None, space: str) -> dict[str, Any] | None:
+        """The watermark ``space`` starts from, in any cursor shape this connector wrote:
+        per space (``{"spaces": {key: watermark}}``: that space's, ``None`` when it has
+        none yet); one watermark for the whole scope, when its ``scope`` lists the space
+        (older cursors without ``scope``: taken to cover every configured space); else
+        ``None`` (a space added to the configuration is read from the beginning)."""
+        if not cursor:
+            return None
+        if isinstance(cursor.get("spaces"), dict):
+            return cursor["spaces"].get(space)
+        scope = cursor.get("scope")
+        if scope is not None and space not in scope:
+            return None
+        return {k: v for k, v in cursor.items() if k != "scope"}
+
+    def _check_space(self, space: str) -> None:
+        """``GET rest/api/space/{key}``: whether the account can read the space.
+
+        Confluence answers 404 both for a space that does not exist and for one the
+        account may not view (Cloud: "There is no space with the given key, or the
+        calling user does not have permission to view the space"); its CQL search
+        silently leaves such a space's content out instead of failing, so this check
+        is what tells an unreadable space from an empty one.
+
+        Raises:
+            EntityError: 403/404 (the space fails alone).
+            ConnectorError: 401 and other 4xx (the source fails).
+            TransientSourceError: throttled, 5xx or unreachable after the retries.
+        """
+        try:
+            self._get(f"rest/api/space/{quote(space)}")
+        except _Transient as exc:
+            raise self._error(f"reading space {space!r} failed after retries: {exc}",
+                              TransientSourceError) from None
+        except _ClientError as exc:
+            if exc.status in (403, 404):
+                raise self._error(f"space {space!r} cannot be read (no such space, or the "
+                                  f"account may not view it): {exc}", EntityError) from None
+            raise self._search_error(exc, f"space {space!r}") from None
+
+    def _fetch_spaces(self, request: FetchRequest, checkpoint: Checkpoint | None
+                      ) -> Iterator[Page]:
+        """Several spaces, one search each, in the configured order.
+
+        The cursor is ``{"spaces": {<key>: <Watermark>}, "version": 1}``: each space moves
+        on its own. A space that cannot be read (:meth:`_check_space`, or a 403/404 on
+        its search) is a failed entity: a :class:`DocumentIssue` with ``scope="entity"``
+        and the reason; its watermark stays where it was (a space never read has none,
+        so it is read from the beginning once it can be), and the other spaces are read.
+        Only a source none of whose spaces can be read fails as a whole.
+
+        The checkpoint is ``{"space": <key being read>, "inner": <its search's
+        checkpoint, or None once done>, "done": {<key>: <new watermark>}, "entities":
+        [[<key>, <reason>]]}``. The last page (possibly empty) carries the cursor and,
+        again, the entity failures of runs before the checkpoint, so the run that
+        finishes the read knows them.
+        """
+        old = request.cursor if not request.is_backfill else None
+        resume = checkpoint if checkpoint and "space" in checkpoint else None
+        done: dict[str, Any] = dict((resume or {}).get("done") or {})
+        carried = [tuple(e) for e in (resume or {}).get("entities") or []]
+        entities: list[tuple[str, str]] = list(carried)
+        failed_keys = {key for key, _ in carried}
+        at_space, inner = (resume or {}).get("space"), (resume or {}).get("inner")
+
+        def position(space: str, inner_checkpoint: Checkpoint | None) -> Checkpoint:
+            return {"space": space, "inner": inner_checkpoint, "done": dict(done),
+                    "entities": [list(e) for e in entities]}
+
+        last: Checkpoint = position(at_space or "", None)
+        for space in self.spaces:
+            if space in done or space in failed_keys:
+                continue
+            start = self._cursor_of(old, space)
+            resumed = inner if space == at_space else None
+            sub = replace(request, cursor=start)
+            try:
+                if resumed is None:
+                    self._check_space(space)
+                for page in self._fetch_scope(sub, resumed, space):
+                    if page.cursor is not None:
+                        done[space] = page.cursor
+                        page.cursor = None
+                        last = position(space, None)
+                    else:
+                        last = position(space, page.checkpoint)
+                    page.checkpoint = last
+                    yield page
+            except EntityError as exc:
+                reason = str(exc)
+            except ConnectorError as exc:
+                if not _space_refused(exc):
+                    raise
+                reason = str(exc)
+            else:
+                continue
+            entities.append((space, reason))
+            last = position(space, None)
+            log.warning("confluence source %r: %s", self.name, reason)
+            yield Page(issues=[self._entity_failed(space, reason)], checkpoint=last)
+        failed = {key for key, _ in entities}
+        if failed and failed >= set(self.spaces):
+            raise self._error("no configured space can be read: " +
+                              "; ".join(reason for _, reason in entities))
+        spaces: dict[str, Any] = {}
+        for space in self.spaces:
+            if space in done:
+                spaces[space] = done[space]
+            elif (start := self._cursor_of(old, space)) is not None:
+                spaces[space] = start  # a failed space holds where it was
+        yield Page(issues=[self._entity_failed(key, reason) for key, reason in carried],
+                   checkpoint=last, cursor={"spaces": spaces, "version": WATERMARK_VERSION})
+
+    def _entity_failed(self, space: str, reason: str) -> DocumentIssue:
+        entity = f"space:{space}"
+        return DocumentIssue(f"{self.name}:{entity}", reason, "failed", ENTITY_TITLE + entity,
+                             scope="entity")
 
     @staticmethod
     def _checkpoint(params: dict[str, Any] | None, state: dict[str, Any]) -> Checkpoint:
@@ -798,15 +968,19 @@ class ConfluenceConnector:
     def list_ids(self) -> Listing:
         """Every content id in scope now (ids only), by CQL ordered by ``created``.
 
-        Incomplete (``complete=False``, nothing deleted) on any error, or when the result
-        set moved while it was listed (a page deleted or moved out between two requests
-        shifts later results to an earlier offset, where the next request would miss one).
+        Incomplete (``complete=False``, nothing deleted) on any error, when a configured
+        space cannot be read (CQL would silently leave its pages out, and they would all
+        be deleted; see :meth:`_check_space`), or when the result set moved while it was
+        listed (a page deleted or moved out between two requests shifts later results to
+        an earlier offset, where the next request would miss one).
         """
         params: dict[str, Any] = {"cql": self.scope_cql() + " order by created asc",
                                   "limit": self.options.list_page_size, "start": 0}
         state: dict[str, Any] = {"anchor": None, "anchor_when": None}
         ids: set[str] = set()
         try:
+            for space in self.spaces:
+                self._check_space(space)
             for _, results, _ in self._pages(params, state, "listing of ids"):
                 if state.get("moved"):
                     return Listing(frozenset(), complete=False,

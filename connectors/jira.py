@@ -16,6 +16,15 @@ Incremental reads
     overlap window that are in ``seen`` with the same ``updated`` are skipped before
     their comments are read.
 
+Several projects
+    With ``projects`` set, each project is read by its own search (``project = "KEY"
+    AND (<jql>) ...``) with its own watermark: the cursor is ``{"projects": {KEY:
+    <watermark>}, "version": 1}`` (a single-watermark cursor is where every project
+    starts). A project Jira refuses (400 "The value 'KEY' does not exist for the field
+    'project'.", 403, 404) is a failed entity; its watermark holds and the others move
+    (see :meth:`JiraConnector._fetch_projects`). With only ``jql``, one search reads
+    everything and any refusal fails the source.
+
 Pages
     Server/DC: ``GET /rest/api/2/search`` with ``startAt``/``maxResults``
     (``JIRA.search_issues``); Cloud: ``GET /rest/api/{2,3}/search/jql`` with
@@ -54,8 +63,9 @@ import base64
 import logging
 import re
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import requests
 from jira import JIRA, JIRAError
@@ -63,6 +73,8 @@ from pydantic import Field, SecretStr
 
 from connectors import http
 from connectors.base import (
+    ENTITY_TITLE,
+    WATERMARK_VERSION,
     Checkpoint,
     ConnectorError,
     Cursor,
@@ -107,6 +119,10 @@ class JiraSourceOptions(SourceOptions):
     base_url: str = Field(pattern=r"^https?://",
                           description="site root, e.g. https://example.atlassian.net")
     jql: str = Field("", description="which issues, e.g. project in (PLAT, AUTH)")
+    projects: list[Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")]] = Field(
+        default_factory=list,
+        description="project keys, read one search each (one the account cannot read "
+                    "fails alone); jql then filters within each")
     email: str | None = Field(None, description="Cloud: the account's email")
     api_token: SecretStr | None = Field(None, description="Cloud API token, ${JIRA_API_TOKEN}")
     token: SecretStr | None = Field(None, description="Server/DC personal access token")
@@ -189,26 +205,32 @@ class JiraConnector:
         return redact(f"jira source {self.name!r}: {text}", self._secrets)
 
     def _fail(self, what: str, exc: BaseException, jql: str | None = None) -> NoReturn:
-        """Raise the ConnectorError (or TransientSourceError) that ``exc`` means."""
+        """Raise the ConnectorError (or TransientSourceError) that ``exc`` means; for a
+        JIRAError, its HTTP status and Jira's message stay on the error as ``status`` and
+        ``detail`` (read by :func:`_project_refused`)."""
         if isinstance(exc, ConnectorError):
             raise exc
         if isinstance(exc, JIRAError):
-            status, detail = exc.status_code, (exc.text or "").strip()
-            if status in (401, 403):
-                raise ConnectorError(self._message(
-                    f"{what}: HTTP {status}, access denied (check email/api_token or token): "
-                    f"{detail}")) from None
-            if status == 400 and jql is not None:
-                raise ConnectorError(self._message(
-                    f"Jira rejected the JQL {jql!r}: {detail}")) from None
-            if status is None or status == 429 or status >= 500:
-                raise TransientSourceError(self._message(
-                    f"{what}: HTTP {status} after retries: {detail}")) from None
-            raise ConnectorError(self._message(f"{what}: HTTP {status}: {detail}")) from None
+            error = self._http_error(what, exc, jql)
+            error.status, error.detail = exc.status_code, (exc.text or "").strip()  # type: ignore[attr-defined]
+            raise error from None
         if isinstance(exc, requests.RequestException | OSError):
             raise TransientSourceError(self._message(
                 f"{what}: {type(exc).__name__}: {exc}")) from None
         raise ConnectorError(self._message(f"{what}: {type(exc).__name__}: {exc}")) from None
+
+    def _http_error(self, what: str, exc: JIRAError, jql: str | None) -> ConnectorError:
+        status, detail = exc.status_code, (exc.text or "").strip()
+        if status in (401, 403):
+            return ConnectorError(self._message(
+                f"{what}: HTTP {status}, access denied (check email/api_token or token): "
+                f"{detail}"))
+        if status == 400 and jql is not None:
+            return ConnectorError(self._message(f"Jira rejected the JQL {jql!r}: {detail}"))
+        if status is None or status == 429 or status >= 500:
+            return TransientSourceError(self._message(
+                f"{what}: HTTP {status} after retries: {detail}"))
+        return ConnectorError(self._message(f"{what}: HTTP {status}: {detail}"))
 
     def _retrying(self):
         """Backoff for what ``ResilientSession`` does not retry itself (one layer each)."""
@@ -268,10 +290,17 @@ class JiraConnector:
 
     # ------------------------------------------------------------------- queries
 
-    def jql(self, request: FetchRequest) -> str:
-        """The JQL sent for ``request`` (bounds as unquoted epoch milliseconds)."""
+    @property
+    def projects(self) -> list[str]:
+        """The configured project keys, each once, in the configured order."""
+        return list(dict.fromkeys(self.options.projects))
+
+    def jql(self, request: FetchRequest, project: str | None = None) -> str:
+        """The JQL sent for ``request`` (bounds as unquoted epoch milliseconds), of one
+        ``project`` when given (``request.cursor`` is then that project's watermark)."""
         user = strip_order_by(self.options.jql)
-        clauses = [f"({user})"] if user else []
+        clauses = [f'project = "{project}"'] if project else []
+        clauses += [f"({user})"] if user else []
         if request.is_backfill:
             clauses.append(f"updated >= {epoch_ms(request.since)}")
             if request.until is not None:
@@ -417,8 +446,18 @@ class JiraConnector:
         The checkpoint is ``{"jql", "start_at" | "token", "total", "watermark"}``: the
         position of the next page and the :class:`Watermark` so far. A Cloud page token
         that Jira no longer accepts restarts the read from that watermark.
+
+        With ``projects`` configured, one search per project: see :meth:`_fetch_projects`.
         """
-        jql = self.jql(request)
+        if self.projects:
+            yield from self._fetch_projects(request, checkpoint)
+            return
+        yield from self._fetch_jql(request, checkpoint, None)
+
+    def _fetch_jql(self, request: FetchRequest, checkpoint: Checkpoint | None,
+                   project: str | None) -> Iterator[Page]:
+        """The pages of one search: the whole JQL, or one ``project``'s."""
+        jql = self.jql(request, project)
         fields = self._fields()
         wm = self._watermark(request.cursor)
         if checkpoint and checkpoint.get("jql") == jql:
@@ -430,7 +469,7 @@ class JiraConnector:
         boundary: int | None = None  # updated (ms) of the last issue of the previous page
         log.info("jira source %r: %s", self.name, state["jql"])
         while True:
-            data = self._search_from(state, fields, wm, request)
+            data = self._search_from(state, fields, wm, request, project)
             issues = [i for i in data.get("issues") or [] if isinstance(i, Mapping)]
             total = data.get("total")
             shifted = isinstance(total, int) and isinstance(state.get("total"), int) \
@@ -479,8 +518,94 @@ class JiraConnector:
         return Watermark.read(cursor, key="updated", timespec="milliseconds",
                               lag=timedelta(minutes=self.options.overlap_minutes))
 
+    @staticmethod
+    def _cursor_of(cursor: Cursor | None, project: str) -> Cursor | None:
+        """The watermark ``project`` starts from: its own in a per-project cursor
+        (``None`` when it has none yet: read from the beginning); a single watermark
+        (written before ``projects`` was configured, by the one search of ``jql``) is
+        taken to cover every project."""
+        if not cursor:
+            return None
+        if isinstance(cursor.get("projects"), Mapping):
+            return cursor["projects"].get(project)
+        return dict(cursor)
+
+    def _fetch_projects(self, request: FetchRequest, checkpoint: Checkpoint | None
+                        ) -> Iterator[Page]:
+        """Each configured project by its own search, in the configured order.
+
+        The cursor is ``{"projects": {<KEY>: <Watermark>}, "version": 1}``: each project
+        moves on its own. A project the account cannot read is a failed entity (a
+        :class:`DocumentIssue` with ``scope="entity"`` and Jira's message): Jira answers
+        its search with HTTP 400 "The value 'KEY' does not exist for the field
+        'project'." (for a project that does not exist and for one the account may not
+        browse alike), or 403/404. Its watermark stays where it was (one never read has
+        none, so it is read from the beginning once it can be) and the other projects
+        are read. Only a source none of whose projects can be read fails as a whole.
+
+        The checkpoint is ``{"project": <KEY being read>, "inner": <its search's
+        checkpoint, or None once done>, "done": {<KEY>: <new watermark>}, "entities":
+        [[<KEY>, <reason>]]}``. The last page (possibly empty) carries the cursor and,
+        again, the entity failures of runs before the checkpoint.
+        """
+        old = request.cursor if not request.is_backfill else None
+        resume = checkpoint if checkpoint and "project" in checkpoint else None
+        done: dict[str, Any] = dict((resume or {}).get("done") or {})
+        carried = [tuple(e) for e in (resume or {}).get("entities") or []]
+        entities: list[tuple[str, str]] = list(carried)
+        failed_keys = {key for key, _ in carried}
+        at_project, inner = (resume or {}).get("project"), (resume or {}).get("inner")
+
+        def position(project: str, inner_checkpoint: Checkpoint | None) -> Checkpoint:
+            return {"project": project, "inner": inner_checkpoint, "done": dict(done),
+                    "entities": [list(e) for e in entities]}
+
+        last: Checkpoint = position(at_project or "", None)
+        for project in self.projects:
+            if project in done or project in failed_keys:
+                continue
+            sub = replace(request, cursor=self._cursor_of(old, project))
+            try:
+                for page in self._fetch_jql(sub, inner if project == at_project else None,
+                                            project):
+                    if page.cursor is not None:
+                        done[project] = page.cursor
+                        page.cursor = None
+                        last = position(project, None)
+                    else:
+                        last = position(project, page.checkpoint)
+                    page.checkpoint = last
+                    yield page
+            except ConnectorError as exc:
+                if not _project_refused(exc, project):
+                    raise
+                reason = str(exc)
+            else:
+                continue
+            entities.append((project, reason))
+            last = position(project, None)
+            log.warning("jira source %r: %s", self.name, reason)
+            yield Page(issues=[self._entity_failed(project, reason)], checkpoint=last)
+        if entities and {key for key, _ in entities} >= set(self.projects):
+            raise ConnectorError(self._message("no configured project can be read: " +
+                                               "; ".join(reason for _, reason in entities)))
+        projects: dict[str, Any] = {}
+        for project in self.projects:
+            if project in done:
+                projects[project] = done[project]
+            elif (start := self._cursor_of(old, project)) is not None:
+                projects[project] = start  # a failed project holds where it was
+        yield Page(issues=[self._entity_failed(key, reason) for key, reason in carried],
+                   checkpoint=last,
+                   cursor={"projects": projects, "version": WATERMARK_VERSION})
+
+    def _entity_failed(self, project: str, reason: str) -> DocumentIssue:
+        entity = f"project:{project}"
+        return DocumentIssue(f"{self.name}:{entity}", reason, "failed", ENTITY_TITLE + entity,
+                             scope="entity")
+
     def _search_from(self, state: dict[str, Any], fields: list[str], wm: Watermark,
-                     request: FetchRequest) -> dict[str, Any]:
+                     request: FetchRequest, project: str | None = None) -> dict[str, Any]:
         """The next search page; a Cloud ``nextPageToken`` Jira rejects (it expired while
         the checkpoint waited) restarts the read at the watermark so far: the issues
         before it are read, the ones after it were not (ascending ``updated`` order)."""
@@ -495,7 +620,7 @@ class JiraConnector:
             restart = FetchRequest(cursor=wm.to_json())
         log.warning("jira source %r: the saved page token was refused; reading again "
                     "from %s", self.name, wm.since)
-        state.update(jql=self.jql(restart), token=None, start_at=0, total=None)
+        state.update(jql=self.jql(restart, project), token=None, start_at=0, total=None)
         return self._search(state["jql"], fields, state, self.options.page_size)
 
     def list_ids(self) -> Listing:
@@ -507,7 +632,11 @@ class JiraConnector:
         returned with ``complete=False``.
         """
         user = strip_order_by(self.options.jql)
-        jql = (f"({user}) " if user else "") + "ORDER BY key ASC"
+        clauses = [f"({user})"] if user else []
+        if self.projects:  # a project that cannot be read fails the listing (400)
+            clauses.insert(0, "project in (" + ", ".join(f'"{p}"' for p in self.projects)
+                           + ")")
+        jql = (" AND ".join(clauses) + " " if clauses else "") + "ORDER BY key ASC"
         keys: set[str] = set()
         position: dict[str, Any] = {"start_at": 0, "token": None}
         totals: set[int] = set()
@@ -544,6 +673,16 @@ class JiraConnector:
 
 def _instant(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def _project_refused(exc: ConnectorError, project: str) -> bool:
+    """Whether a search of one ``project`` was refused for that project: HTTP 403/404,
+    or 400 with Jira's "The value 'KEY' does not exist for the field 'project'." (Jira
+    says so for a project the account may not browse, too)."""
+    status, detail = getattr(exc, "status", None), getattr(exc, "detail", "") or ""
+    if status in (403, 404):
+        return True
+    return status == 400 and f"'{project}' does not exist for the field 'project'" in detail
 
 
 def _bad_token(exc: ConnectorError) -> bool:

@@ -1,7 +1,9 @@
 """A Confluence REST API (v1) stand-in on a ``pytest_httpserver.HTTPServer``.
 
 It answers the paths ``atlassian.Confluence`` requests for kbsync —
-``rest/api/content/search`` (CQL), ``rest/api/content/{id}``, ``rest/api/user``,
+``rest/api/content/search`` (CQL), ``rest/api/content/{id}``, ``rest/api/space/{key}``
+(404 for a space the account may not view, whose content CQL silently leaves out:
+``hidden_spaces``), ``rest/api/user``,
 ``download/attachments/{page}/{file}`` — with bodies shaped like the real ones
 (modelled on ``realdata/confluence/perceval_fixtures``: ``results``, ``start``,
 ``limit``, ``size``, ``_links.base/context/next``; content objects with ``space``,
@@ -96,6 +98,9 @@ class FakeConfluence:
         self.user_zone = ZoneInfo(user_zone)
         self.max_limit = max_limit
         self.spaces = spaces or {"ENG": "Engineering", "OPS": "Operations"}
+        #: spaces the account may not view: ``GET space/{key}`` answers 404 (as for a
+        #: space that does not exist) and searches silently leave their content out
+        self.hidden_spaces: set[str] = set()
         self.users: dict[str, str] = {"u-author": "Ada Author", "u-editor": "Eddie Editor"}
         self.contents: dict[str, Content] = {}
         self.requests: list[tuple[str, dict[str, str]]] = []
@@ -187,6 +192,9 @@ class FakeConfluence:
                             content_type="application/json")
         if path == "/rest/api/content/search":
             return self._search(args)
+        match = re.fullmatch(r"/rest/api/space/([^/]+)", path)
+        if match:
+            return self._space(match.group(1))
         match = re.fullmatch(r"/rest/api/content/([^/]+)", path)
         if match:
             content = self.contents.get(match.group(1))
@@ -218,7 +226,8 @@ class FakeConfluence:
             number = self._searches
         if self.on_search is not None:
             self.on_search(number)
-        items = sorted((c for c in self.contents.values() if keep(c)), key=order)
+        items = sorted((c for c in self.contents.values()
+                        if keep(c) and c.space not in self.hidden_spaces), key=order)
         limit = int(args.get("limit", 25))
         if self.cloud and args.get("cursor"):
             start = int(base64.b64decode(args["cursor"]).decode())
@@ -240,6 +249,26 @@ class FakeConfluence:
             links["next"] = "/rest/api/content/search?" + urlencode(nxt)
         return self._json({"results": [self.content_json(c, expand) for c in page],
                            "start": start, "limit": limit, "size": len(page), "_links": links})
+
+    def _space(self, key: str) -> Response:
+        """``GET rest/api/space/{key}``; a space that does not exist or that the account
+        may not view is the same 404 (Server/DC's body: ``"No space with key : KEY"``)."""
+        known = set(self.spaces) | {c.space for c in self.contents.values()}
+        if key not in known or key in self.hidden_spaces:
+            return self._json({"statusCode": 404,
+                               "data": {"authorized": False, "valid": True, "errors": [],
+                                        "successful": False},
+                               "message": f"No space with key : {key}",
+                               "reason": "Not Found"}, 404)
+        base = self.url
+        return self._json({"id": 98000 + sorted(known).index(key), "key": key,
+                           "name": self.spaces.get(key, key), "type": "global",
+                           "status": "current",
+                           "_links": {"webui": f"/spaces/{key}", "base": base,
+                                      "context": self.context,
+                                      "self": f"{base}/rest/api/space/{key}"},
+                           "_expandable": {"homepage": "", "description": "",
+                                           "metadata": "", "icon": ""}})
 
     # ----------------------------------------------------------------------- CQL
 

@@ -10,8 +10,10 @@ HTTP shapes:
 * :class:`FakeJira` answers, on a ``pytest_httpserver.HTTPServer``, the paths the
   ``jira`` library calls: ``serverInfo``, ``field``, ``search`` (Server/DC, offset
   pages), ``search/jql`` (Cloud, ``nextPageToken``) and ``issue/{key}/comment`` pages.
-  It evaluates the parts of JQL the connector sends (``updated >=/<= <epoch ms>``,
-  ``ORDER BY updated|key``); the user's own filter is a Python predicate. Responses can
+  It evaluates the parts of JQL the connector sends (``project = KEY``, ``project in
+  (...)``, ``updated >=/<= <epoch ms>``, ``ORDER BY updated|key``) and answers a JQL
+  naming a project that does not exist or that the account may not browse
+  (``hidden_projects``) with Jira's 400; the user's own filter is a Python predicate. Responses can
   be made to fail (``fail``) and every request is recorded (``calls``).
 
 Only the standard library, werkzeug and pytest-httpserver are needed (the ``dev`` extra).
@@ -34,6 +36,8 @@ ARCHIVE = Path("jira") / "tidev_jira_archive"
 #: Projects of the archive: plain folders and tarballs.
 ARCHIVE_PROJECTS = ("DAEMON", "MOD", "ALOY", "TIMOB")
 
+_PROJECT = re.compile(r"\bproject\s*(?:=\s*(\"[^\"]*\"|'[^']*'|[\w-]+)|in\s*\(([^)]*)\))",
+                      re.I)
 _UPDATED_GE = re.compile(r"updated\s*>=\s*(\d+)")
 _UPDATED_LE = re.compile(r"updated\s*<=\s*(\d+)")
 _ORDER = re.compile(r"order\s+by\s+(.*)$", re.I | re.S)
@@ -127,12 +131,15 @@ class FakeJira:
             the rest for ``issue/{key}/comment``).
         max_results_cap: the most issues per page the site returns, whatever is asked.
         auth: the ``Authorization`` header every request must carry (else 401).
+        projects: project keys that exist even without issues (a JQL naming any other
+            project than these and the issues' is answered with Jira's 400).
     """
 
     def __init__(self, server, issues: Iterable[dict[str, Any]] = (), *, cloud: bool = False,
                  matches: Callable[[dict[str, Any]], bool] | None = None,
                  inline_comments: int = 50, max_results_cap: int = 1000,
-                 auth: str | None = None, fields: list[dict[str, Any]] | None = None) -> None:
+                 auth: str | None = None, fields: list[dict[str, Any]] | None = None,
+                 projects: Iterable[str] = ()) -> None:
         from werkzeug import Response
 
         self._response_cls = Response
@@ -151,11 +158,17 @@ class FakeJira:
              "schema": {"type": "any", "custom": "com.pyxis.greenhopper.jira:gh-epic-link",
                         "customId": 10008}},
         ]
+        #: project keys that exist besides those of the issues (a project may be empty)
+        self.projects: set[str] = set(projects)
         self.issues: dict[str, dict[str, Any]] = {}
         for issue in issues:
             self.put(issue)
         self.calls: list[Call] = []
-        self.faults: dict[str, list[tuple[int, dict[str, str], Any]]] = {}
+        self.faults: dict[str, list[tuple[int, dict[str, str], Any, Any]]] = {}
+        #: project keys the account may not browse: a JQL naming one is answered like
+        #: one naming a project that does not exist (HTTP 400, "The value 'KEY' does not
+        #: exist for the field 'project'."), and their issues are never returned
+        self.hidden_projects: set[str] = set()
         self.on_search: Callable[[FakeJira, int], None] | None = None
         server.expect_request(re.compile(r"^/rest/api/[^/]+/.*")).respond_with_handler(
             self._handle)
@@ -190,9 +203,11 @@ class FakeJira:
         fields["updated"] = stamp
 
     def fail(self, kind: str, status: int, *, times: int = 1,
-             headers: dict[str, str] | None = None, body: Any = None) -> None:
-        """Answer the next ``times`` requests of ``kind`` with ``status``."""
-        self.faults.setdefault(kind, []).extend([(status, headers or {}, body)] * times)
+             headers: dict[str, str] | None = None, body: Any = None,
+             match: Callable[[Call], bool] | None = None) -> None:
+        """Answer the next ``times`` requests of ``kind`` (that ``match`` accepts, when
+        given) with ``status``."""
+        self.faults.setdefault(kind, []).extend([(status, headers or {}, body, match)] * times)
 
     def kinds(self, kind: str) -> list[Call]:
         return [c for c in self.calls if c.kind == kind]
@@ -216,11 +231,13 @@ class FakeJira:
             kind = "comment"
         else:
             kind = rest
-        self.calls.append(Call(kind, path, request.args.to_dict(flat=False),
-                               dict(request.headers)))
-        queue = self.faults.get(kind)
-        if queue:
-            status, headers, body = queue.pop(0)
+        call = Call(kind, path, request.args.to_dict(flat=False), dict(request.headers))
+        self.calls.append(call)
+        queue = self.faults.get(kind) or []
+        fault = next((f for f in queue if f[3] is None or f[3](call)), None)
+        if fault is not None:
+            queue.remove(fault)
+            status, headers, body, _ = fault
             return self._json(body if body is not None else
                               {"errorMessages": [f"injected HTTP {status}"], "errors": {}},
                               status, headers)
@@ -240,9 +257,26 @@ class FakeJira:
             return self._comments(rest.split("/")[1], request)
         return self._json({"errorMessages": [f"no such resource {rest}"]}, 404)
 
+    @staticmethod
+    def project_of(issue: dict[str, Any]) -> str:
+        """The issue's project key (``fields.project.key``, else the key's prefix)."""
+        project = (issue.get("fields") or {}).get("project") or {}
+        return project.get("key") or issue["key"].rsplit("-", 1)[0]
+
+    def named_projects(self, jql: str) -> list[str]:
+        """The project keys a JQL names (``project = KEY``, ``project in (A, "B")``)."""
+        keys: list[str] = []
+        for m in _PROJECT.finditer(jql):
+            values = [m.group(1)] if m.group(1) else m.group(2).split(",")
+            keys += [v.strip().strip("\"'") for v in values if v.strip()]
+        return keys
+
     def select(self, jql: str) -> list[dict[str, Any]]:
         """The issues a JQL of the connector's shape matches, in its order."""
-        chosen = [i for i in self.issues.values() if self.matches(i)]
+        chosen = [i for i in self.issues.values()
+                  if self.matches(i) and self.project_of(i) not in self.hidden_projects]
+        if named := self.named_projects(jql):
+            chosen = [i for i in chosen if self.project_of(i) in named]
         if m := _UPDATED_GE.search(jql):
             chosen = [i for i in chosen if _ms(i["fields"]["updated"]) >= int(m.group(1))]
         if m := _UPDATED_LE.search(jql):
@@ -286,6 +320,13 @@ class FakeJira:
         if cloud_path != self.cloud:
             return self._json({"errorMessages": ["wrong search endpoint for this site"]}, 410)
         jql = request.args.get("jql", "")
+        known = (self.projects | {self.project_of(i) for i in self.issues.values()}) - \
+            self.hidden_projects
+        for key in self.named_projects(jql):
+            if key not in known:  # Jira's answer for a missing or unbrowsable project
+                return self._json({"errorMessages": [
+                    f"The value '{key}' does not exist for the field 'project'."],
+                    "warningMessages": []}, 400)
         fields = [f for v in request.args.getlist("fields") for f in v.split(",") if f]
         size = min(int(request.args.get("maxResults", 50)), self.max_results_cap)
         if self.cloud:

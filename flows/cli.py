@@ -561,19 +561,26 @@ def reindex(
     lexical: Annotated[bool, typer.Option("--lexical", help="rebuild the lexical (BM25) index "
                                           "from the chunks Chroma holds")] = False,
 ) -> None:
-    """Rebuild a derived index from Chroma (the source of truth)."""
+    """Rebuild a derived index from Chroma (the source of truth).
+
+    It writes, so against the embedded store it holds the data-dir lock a sync holds
+    (:func:`flows.sync.index_lock`): it waits for a running sync, up to
+    ``sync.index_lock_timeout_seconds``, then fails with ``IndexBusy`` and does nothing.
+    """
     if not lexical:
         raise _fail("say what to rebuild: --lexical", 2)
     from connectors.lexical import open_index
     from flows.embed import rebuild_lexical
     from flows.retrieve import open_store
+    from flows.sync import index_lock
 
     settings = _settings()
-    index = open_index(settings.lexical_location)
-    try:
-        n = rebuild_lexical(open_store(settings), index)
-    finally:
-        index.close()
+    with index_lock(settings):
+        index = open_index(settings.lexical_location)
+        try:
+            n = rebuild_lexical(open_store(settings), index)
+        finally:
+            index.close()
     console.print(f"lexical index rebuilt: {n} chunks in {index.path}")
 
 

@@ -48,6 +48,10 @@ def test_two_kills_then_resume_equals_a_clean_build(tmp_path):
 
 @pytest.mark.slow
 def test_eight_kills_of_full_and_incremental_syncs(tmp_path):
+    # at most 4 kills in the first full sync, the others in incremental rounds
     result = run_chaos(work=tmp_path, code=ROOT, docs=40, kills=8, seed=13, api_url=_api_url(),
-                       realdata=REALDATA, change_size=4, max_file_bytes=12000)
+                       realdata=REALDATA, change_size=4, max_file_bytes=12000, full_kills=4)
+    print({k: v for k, v in result.rows()})
     _check(result)
+    # the seeded kill points hit both the first full sync and incremental rounds
+    assert result.kills_full > 0 and result.kills_incremental > 0, result.records

@@ -625,3 +625,144 @@ def test_malformed_body_holds_the_cursor_until_fixed(tmp_path, fake):
 
 def test_iso_matches_confluence_format():
     assert iso(datetime(2016, 6, 16, 19, 58, 30, tzinfo=UTC)) == "2016-06-16T19:58:30.000Z"
+
+
+# ------------------------------------------------- one space fails alone (issue 13)
+
+
+def test_several_spaces_are_read_one_search_each_with_a_watermark_each(fake):
+    eng = add_pages(fake, 3, "ENG", start=100)
+    ops = add_pages(fake, 2, "OPS", start=200, step=timedelta(hours=2))
+    connector = ConfluenceConnector(options(fake, spaces=["ENG", "OPS"], page_size=2))
+    pages = read(connector)
+    assert set(docs(pages)) == {f"wiki:{i}" for i in eng + ops}
+    cqls = [s["cql"] for s in fake.searches()]
+    assert all('space = "ENG"' in c for c in cqls[:2]) and 'space = "OPS"' in cqls[-1]
+    cursor = pages[-1].cursor
+    assert [p.cursor is not None for p in pages] == [False] * (len(pages) - 1) + [True]
+    assert cursor["version"] == 1 and set(cursor["spaces"]) == {"ENG", "OPS"}
+    assert cursor["spaces"]["ENG"]["when"] == (EPOCH + timedelta(hours=2)).isoformat()
+    assert cursor["spaces"]["OPS"]["when"] == (EPOCH + timedelta(hours=2)).isoformat()
+
+    # a resumed read (after the first ENG page) ends with the same cursor
+    resumed = read(ConfluenceConnector(options(fake, spaces=["ENG", "OPS"], page_size=2)),
+                   checkpoint=pages[0].checkpoint)
+    assert resumed[-1].cursor == cursor
+    assert set(docs(resumed)) == {f"wiki:{i}" for i in eng[2:] + ops}
+
+    # the next run reads each space from its own watermark
+    fake.edit(ops[0], body="<p>Edited in OPS.</p>", when=EPOCH + timedelta(hours=5))
+    again = read(connector, FetchRequest(cursor=cursor))
+    assert set(docs(again)) == {f"wiki:{ops[0]}"}
+
+
+def test_an_older_single_watermark_cursor_is_read_per_space(fake):
+    add_pages(fake, 2, "ENG", start=100)
+    add_pages(fake, 2, "OPS", start=200)
+    single = read(ConfluenceConnector(options(fake, spaces=["ENG"])))[-1].cursor
+    assert single["scope"] == ["ENG"] and single["when"] == (EPOCH + timedelta(hours=1)).isoformat()
+    fake.requests.clear()
+    connector = ConfluenceConnector(options(fake, spaces=["ENG", "OPS"]))
+    pages = read(connector, FetchRequest(cursor=single))
+    # ENG goes on from its watermark; OPS, added to the configuration, is read in full
+    assert set(docs(pages)) == {"wiki:200", "wiki:201"}
+    eng_cql, ops_cql = (s["cql"] for s in fake.searches())
+    assert "lastmodified >=" in eng_cql and "lastmodified >=" not in ops_cql
+    # a cursor written before the scope was recorded covers every configured space
+    legacy = {k: v for k, v in single.items() if k != "scope"}
+    fake.requests.clear()
+    read(connector, FetchRequest(cursor=legacy))
+    assert all("lastmodified >=" in s["cql"] for s in fake.searches())
+
+
+def test_a_space_the_account_cannot_view_fails_alone(fake):
+    add_pages(fake, 2, "ENG", start=100)
+    add_pages(fake, 2, "OPS", start=200)
+    fake.hidden_spaces.add("OPS")
+    connector = ConfluenceConnector(options(fake, spaces=["ENG", "OPS"]))
+    pages = read(connector)
+    assert set(docs(pages)) == {"wiki:100", "wiki:101"}
+    failed = [i for p in pages for i in p.issues]
+    assert [(i.doc_id, i.scope, i.kind) for i in failed] == [("wiki:space:OPS", "entity",
+                                                              "failed")]
+    assert "No space with key : OPS" in failed[0].reason
+    assert set(pages[-1].cursor["spaces"]) == {"ENG"}  # OPS has no watermark yet
+    listing = connector.list_ids()  # CQL would silently leave OPS out: delete nothing
+    assert not listing.complete and "OPS" in listing.reason
+
+    fake.hidden_spaces.add("ENG")  # nothing readable: the source fails
+    with pytest.raises(ConnectorError, match="no configured space can be read"):
+        read(ConfluenceConnector(options(fake, spaces=["ENG", "OPS"])))
+
+
+def test_an_entity_failure_is_reported_again_after_a_resume(fake):
+    add_pages(fake, 4, "OPS", start=200)
+    fake.hidden_spaces.add("ENG")
+    opts = options(fake, spaces=["ENG", "OPS"], page_size=2)
+    pages = read(ConfluenceConnector(opts))
+    assert pages[0].issues[0].doc_id == "wiki:space:ENG" and len(pages) > 2
+    resumed = read(ConfluenceConnector(opts), checkpoint=pages[1].checkpoint)
+    assert [i.doc_id for i in resumed[-1].issues] == ["wiki:space:ENG"]
+    assert set(resumed[-1].cursor["spaces"]) == {"OPS"}
+
+
+def test_flow_a_space_that_cannot_be_read_fails_alone_and_its_cursor_holds(tmp_path, fake):
+    """Issue 13 item 3: of two spaces, one the account cannot view (404 on the space,
+    its content left out of CQL) and later one whose search is refused (403). The other
+    space is synced and its cursor moves; the failed one is a failed entity with its
+    reason, its cursor holds, and the next run with access restored picks it up."""
+    for i in range(2):
+        fake.add(f"1{i}", f"Eng page {i}", space="ENG",
+                 body=f"<p>Engineering runbook {i}: restart the broker.</p>",
+                 when=EPOCH + timedelta(minutes=i))
+        fake.add(f"2{i}", f"Ops page {i}", space="OPS",
+                 body=f"<p>Operations checklist {i}: rotate the keys.</p>",
+                 when=EPOCH + timedelta(minutes=i))
+    fake.hidden_spaces.add("OPS")
+    settings = flow_settings(tmp_path, fake, spaces=["ENG", "OPS"])
+    store = StateStore(settings.resolved_state_url)
+
+    first = sync(settings)
+    assert first["status"] == "completed_with_failures" and first["documents_added"] == 2
+    assert set(chunks_by_doc(settings)) == {"wiki:10", "wiki:11"}
+    failures = {i.doc_id: i.reason for i in store.issues("wiki", kind="failed")}
+    assert list(failures) == ["wiki:space:OPS"] and "No space with key : OPS" in \
+        failures["wiki:space:OPS"]
+    cursor = store.get("wiki").cursor
+    assert set(cursor["spaces"]) == {"ENG"}
+    assert cursor["spaces"]["ENG"]["when"] == (EPOCH + timedelta(minutes=1)).isoformat()
+
+    fake.hidden_spaces.clear()  # access restored
+    second = sync(settings)
+    assert second["status"] == "completed" and second["documents_added"] == 2
+    assert set(chunks_by_doc(settings)) == {"wiki:10", "wiki:11", "wiki:20", "wiki:21"}
+    assert store.issues("wiki", kind="failed") == []
+    held = store.get("wiki").cursor["spaces"]["OPS"]
+
+    # edits in both spaces; the OPS search is refused with 403
+    fake.edit("11", body="<p>Engineering runbook 1: restart the broker twice.</p>",
+              when=EPOCH + timedelta(hours=3))
+    fake.edit("21", body="<p>Operations checklist 1: rotate the keys weekly.</p>",
+              when=EPOCH + timedelta(hours=3))
+    ops_search = lambda args: 'space = "OPS"' in args.get("cql", "")  # noqa: E731
+    fake.fail(403, times=10, match=ops_search,
+              body={"statusCode": 403, "message": "You are not permitted to search OPS"})
+    third = sync(settings)
+    assert third["status"] == "completed_with_failures" and third["documents_updated"] == 1
+    failures = {i.doc_id: i.reason for i in store.issues("wiki", kind="failed")}
+    assert list(failures) == ["wiki:space:OPS"] and "403" in failures["wiki:space:OPS"]
+    cursor = store.get("wiki").cursor["spaces"]
+    assert cursor["OPS"] == held  # held where it was ...
+    assert cursor["ENG"]["when"] == (EPOCH + timedelta(hours=3)).isoformat()  # ... ENG moved
+
+    fake.faults.clear()
+    fourth = sync(settings)
+    assert fourth["status"] == "completed" and fourth["documents_updated"] == 1
+    assert "weekly" in chunk_text(settings, "wiki:21")
+    assert store.issues("wiki", kind="failed") == []
+
+
+def chunk_text(settings, doc_id) -> str:
+    client = chromadb.PersistentClient(path=str(settings.chroma_path))
+    res = client.get_collection(settings.chroma.collection).get(where={"doc_id": doc_id})
+    return " ".join(res["documents"])

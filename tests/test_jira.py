@@ -563,3 +563,129 @@ def test_real_issues_through_the_sync_flow(httpserver, tmp_path):
     assert {m["project"] for m in got["metadatas"]} == {"ALOY"}
     assert all(m["url"].startswith(fake.url + "/browse/ALOY-") for m in got["metadatas"])
     assert sync(settings)["chunks_embedded"] == 0
+
+
+# ------------------------------------------------ one project fails alone (issue 13)
+
+
+def two_projects() -> list[dict]:
+    """The PLAT fixture issues and two AUTH issues made from them."""
+    issues = server_issues()
+    for n, source in ((1, issues[0]), (2, issues[1])):
+        issue = json.loads(json.dumps(source))
+        issue.update(key=f"AUTH-{n}", id=str(40000 + n))
+        issue["fields"]["project"] = {**(issue["fields"].get("project") or {}), "key": "AUTH",
+                                      "name": "Auth"}
+        issue["fields"]["summary"] = f"Auth issue {n}: session cookies expire early"
+        issue["fields"]["updated"] = f"2024-04-1{n}T12:00:00.000+0000"
+        issues.append(issue)
+    return issues
+
+
+def test_projects_are_read_one_search_each_with_a_watermark_each(httpserver):
+    fake = FakeJira(httpserver, two_projects())
+    connector = make_connector(fake, jql="", projects=["PLAT", "AUTH"], page_size=2)
+    pages = drain(connector)
+    assert set(documents(pages)) == {"jira:PLAT-1", "jira:PLAT-2", "jira:PLAT-3",
+                                     "jira:AUTH-1", "jira:AUTH-2"}
+    jqls = sent_jql(fake)
+    assert jqls[0] == 'project = "PLAT" ORDER BY updated ASC, key ASC'
+    assert jqls[-1] == 'project = "AUTH" ORDER BY updated ASC, key ASC'
+    cursor = pages[-1].cursor
+    assert cursor["version"] == 1
+    assert cursor["projects"]["PLAT"]["updated"] == "2024-04-14T09:20:00.000+00:00"
+    assert cursor["projects"]["AUTH"]["updated"] == "2024-04-12T12:00:00.000+00:00"
+    resumed = drain(make_connector(fake, jql="", projects=["PLAT", "AUTH"], page_size=2),
+                    checkpoint=pages[0].checkpoint)
+    assert resumed[-1].cursor == cursor
+
+    fake.add_comment("AUTH-1", "Fixed in 2.5.", "Jun Chen", datetime(2024, 4, 20, tzinfo=UTC))
+    fake.calls.clear()
+    again = drain(connector, FetchRequest(cursor=cursor))
+    assert set(documents(again)) == {"jira:AUTH-1"}
+    assert all("updated >= " in jql for jql in sent_jql(fake))
+
+    # a single-watermark cursor (from a jql-only source) is where every project starts
+    single = drain(make_connector(fake, jql="project in (PLAT, AUTH)"))[-1].cursor
+    fake.calls.clear()
+    drain(connector, FetchRequest(cursor=single))
+    bound = epoch_ms(datetime(2024, 4, 19, 23, 50, tzinfo=UTC))
+    assert sent_jql(fake) == [f'project = "{p}" AND updated >= {bound} ORDER BY updated ASC, '
+                              "key ASC" for p in ("PLAT", "AUTH")]
+
+
+def test_a_project_that_cannot_be_read_fails_alone(httpserver):
+    fake = FakeJira(httpserver, two_projects())
+    fake.hidden_projects.add("AUTH")
+    opts = {"jql": "", "projects": ["AUTH", "PLAT"], "page_size": 2}
+    pages = drain(make_connector(fake, **opts))
+    assert set(documents(pages)) == {"jira:PLAT-1", "jira:PLAT-2", "jira:PLAT-3"}
+    failed = [i for p in pages for i in p.issues]
+    assert [(i.doc_id, i.scope, i.kind) for i in failed] == [("jira:project:AUTH", "entity",
+                                                              "failed")]
+    assert "The value 'AUTH' does not exist for the field 'project'." in failed[0].reason
+    assert set(pages[-1].cursor["projects"]) == {"PLAT"}
+    # a resumed read reports the failure again, on its last page
+    resumed = drain(make_connector(fake, **opts), checkpoint=pages[1].checkpoint)
+    assert [i.doc_id for i in resumed[-1].issues] == ["jira:project:AUTH"]
+    assert not make_connector(fake, **opts).list_ids().complete  # deletes nothing
+
+    fake.hidden_projects.add("PLAT")
+    with pytest.raises(ConnectorError, match="no configured project can be read"):
+        drain(make_connector(fake, **opts))
+    fake.hidden_projects.clear()
+    fake.fail("search", 401, body={"errorMessages": ["You are not authenticated."]})
+    with pytest.raises(ConnectorError, match="401"):  # the source's own failure
+        drain(make_connector(fake, **opts))
+
+
+def test_flow_a_project_that_cannot_be_read_fails_alone_and_its_cursor_holds(
+        httpserver, tmp_path):
+    """Issue 13 item 3: of two projects, one Jira refuses (400 "does not exist", later
+    403). The other is synced and its cursor moves; the refused one is a failed entity
+    with Jira's message, its cursor holds, and the next run with access picks it up."""
+    fake = FakeJira(httpserver, two_projects())
+    fake.hidden_projects.add("AUTH")
+    settings = jira_settings(tmp_path, fake, jql="", projects=["PLAT", "AUTH"])
+    store = StateStore(settings.resolved_state_url)
+
+    first = sync(settings)
+    assert first["status"] == "completed_with_failures" and first["documents_added"] == 3
+    assert set(chunks_by_doc(settings)) == {"jira:PLAT-1", "jira:PLAT-2", "jira:PLAT-3"}
+    failures = {i.doc_id: i.reason for i in store.issues("jira", kind="failed")}
+    assert list(failures) == ["jira:project:AUTH"]
+    assert "The value 'AUTH' does not exist for the field 'project'." in \
+        failures["jira:project:AUTH"]
+    cursor = store.get("jira").cursor
+    assert set(cursor["projects"]) == {"PLAT"}
+    assert cursor["projects"]["PLAT"]["updated"] == "2024-04-14T09:20:00.000+00:00"
+
+    fake.hidden_projects.clear()  # access granted
+    second = sync(settings)
+    assert second["status"] == "completed" and second["documents_added"] == 2
+    assert {"jira:AUTH-1", "jira:AUTH-2"} <= set(chunks_by_doc(settings))
+    assert store.issues("jira", kind="failed") == []
+    held = store.get("jira").cursor["projects"]["AUTH"]
+
+    fake.add_comment("PLAT-2", "Raised to 200 per minute.", "Jun Chen",
+                     datetime(2024, 4, 21, tzinfo=UTC))
+    fake.add_comment("AUTH-2", "Cookies now last 12 hours.", "Jun Chen",
+                     datetime(2024, 4, 21, tzinfo=UTC))
+    fake.fail("search", 403, times=5, match=lambda c: 'project = "AUTH"' in c.arg("jql"),
+              body={"errorMessages": ["You do not have permission to browse AUTH."],
+                    "errors": {}})
+    third = sync(settings)
+    assert third["status"] == "completed_with_failures" and third["documents_updated"] == 1
+    failures = {i.doc_id: i.reason for i in store.issues("jira", kind="failed")}
+    assert list(failures) == ["jira:project:AUTH"] and "403" in failures["jira:project:AUTH"]
+    cursor = store.get("jira").cursor["projects"]
+    assert cursor["AUTH"] == held  # held where it was ...
+    assert cursor["PLAT"]["updated"] == "2024-04-21T00:00:00.000+00:00"  # ... PLAT moved
+
+    fake.faults.clear()
+    fourth = sync(settings)
+    assert fourth["status"] == "completed" and fourth["documents_updated"] == 1
+    client = chromadb.PersistentClient(path=str(settings.chroma_path))
+    got = client.get_collection(settings.chroma.collection).get(where={"doc_id": "jira:AUTH-2"})
+    assert any("Cookies now last 12 hours." in text for text in got["documents"])
+    assert store.issues("jira", kind="failed") == []

@@ -159,6 +159,38 @@ def test_lost_lexical_index_is_rebuilt(make_repo, make_settings):
     assert lexical_ids(settings) == expected
 
 
+def test_reindex_takes_the_data_dir_lock_a_sync_takes(make_repo, make_settings, monkeypatch):
+    """``reindex --lexical`` writes: against the embedded store it waits for the lock of
+    a run in another process and is refused (nothing done) when it is not released."""
+    import subprocess
+    import sys
+
+    repo = make_repo(RU_DOCS)
+    settings = make_settings(repo)
+    sync(settings)
+    expected = lexical_ids(settings)
+    LexicalIndex(settings.lexical_path).clear()
+    lock = settings.chroma_path.with_name(settings.chroma_path.name + ".lock")
+    holder = subprocess.Popen(  # another process's run, holding the data-dir lock
+        [sys.executable, "-c", "import sys, time\nfrom filelock import FileLock\n"
+         f"held = FileLock({str(lock)!r})\nheld.acquire()\nprint('held', flush=True)\ntime.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setenv("KBSYNC_SYNC__INDEX_LOCK_TIMEOUT_SECONDS", "1")
+        out = CliRunner().invoke(app, ["--data-dir", str(settings.data_dir), "reindex",
+                                       "--lexical"])
+        assert out.exit_code != 0
+        assert "in use by another process" in out.output and "chroma.url" in out.output
+        assert lexical_ids(settings) == set()  # nothing was done
+    finally:
+        holder.kill()
+        holder.wait()
+    out = CliRunner().invoke(app, ["--data-dir", str(settings.data_dir), "reindex", "--lexical"])
+    assert out.exit_code == 0, out.output
+    assert lexical_ids(settings) == expected
+
+
 # ------------------------------------------------------------- modes via the CLI
 
 def test_each_mode_through_the_cli(make_repo, tmp_path):
