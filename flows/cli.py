@@ -154,7 +154,14 @@ def _progress() -> Progress:
 
 def _run_with_progress(fn, *args, **kwargs):
     """Run a flow with rich progress bars fed by the sync's progress events."""
+    from prefect.settings import PREFECT_API_URL
+
     from flows.sync import progress_callback
+
+    if not PREFECT_API_URL.value():  # env, profile and `kbsync server start` all unset
+        err_console.print("[dim]no Prefect server is running: this run starts a temporary "
+                          "one (~10 s). `kbsync server start` keeps one (and its UI) for "
+                          "every later command.[/dim]")
 
     with _progress() as progress:
         bars: dict[str, Any] = {}
