@@ -60,7 +60,9 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from connectors import http
 from connectors.base import redact
+from connectors.http import RetryPolicy
 from transforms.answering import ThinkFilter, is_reasoning_model
 
 log = logging.getLogger(__name__)
@@ -176,8 +178,10 @@ class LLMConfig:
         endpoints: the primary first, then fallbacks in the order to try them.
         timeout_seconds: read timeout of one request (a reasoning model on CPU is slow).
         connect_timeout_seconds: how long to wait for a TCP connection.
-        retries: extra attempts on connection errors, timeouts, 429 and 502-504.
-        backoff_seconds: first wait between attempts; doubles each time (max 30 s).
+        http: retries of connection errors, timeouts, 429 and 5xx (``max_retries``,
+            ``backoff_seconds`` doubling up to ``max_backoff_seconds``, a ``Retry-After``
+            honoured up to ``max_retry_after_seconds``); its ``timeout_seconds`` is not
+            used (``timeout_seconds`` above is the LLM's).
         max_context_tokens: the server's context window (prompt + reply), in tokens.
         max_reply_tokens: the most tokens one reply may have (reasoning included).
         presets: sampling presets by name; ``factual`` must exist.
@@ -186,8 +190,7 @@ class LLMConfig:
     endpoints: tuple[Endpoint, ...]
     timeout_seconds: float = 300.0  # = llm.timeout_seconds (settings), one default
     connect_timeout_seconds: float = 5.0
-    retries: int = 2
-    backoff_seconds: float = 2.0  # = llm.retry_backoff_seconds (settings), one default
+    http: RetryPolicy = field(default_factory=RetryPolicy)  # = the settings' http:, one default
     max_context_tokens: int = 8192
     max_reply_tokens: int = 2048
     presets: Mapping[str, Sampling] = field(default_factory=lambda: dict(DEFAULT_PRESETS))
@@ -449,10 +452,12 @@ class LLMClient:
     Attributes:
         calls: a :class:`CallMetrics` per request, in order.
         down: ``endpoint label -> reason`` for endpoints given up on in this client.
+        stats: retry counters (:func:`connectors.http.new_stats`).
     """
 
     def __init__(self, config: LLMConfig) -> None:
         self.config = config
+        self.stats = http.new_stats()
         self.calls: list[CallMetrics] = []
         self.down: dict[str, str] = {}
         self._clients: dict[Endpoint, Any] = {}
@@ -496,27 +501,16 @@ class LLMClient:
     def _send(self, endpoint: Endpoint, metrics: CallMetrics, **request: Any):
         """One request with retries; raises _EndpointDown or LLMRequestError."""
         import openai
-        from tenacity import (
-            RetryError,
-            Retrying,
-            retry_if_exception,
-            stop_after_attempt,
-            wait_exponential,
-        )
 
-        from connectors.http import classify_exception
-
-        def transient(exc: BaseException) -> bool:
+        def transient(exc: BaseException) -> http.Outcome | None:
             # the one classifier (connectors.http); a status that can mean "response_format
             # refused" is left to the caller's format fallback
-            return classify_exception(exc).retry and \
-                getattr(exc, "status_code", None) not in _FORMAT_REFUSED
+            judged = http.classify_exception(exc)
+            refused = getattr(exc, "status_code", None) in _FORMAT_REFUSED
+            return judged if judged.retry and not refused else None
 
-        retrying = Retrying(
-            stop=stop_after_attempt(self.config.retries + 1),
-            wait=wait_exponential(multiplier=self.config.backoff_seconds, max=30),
-            retry=retry_if_exception(transient), reraise=False,
-        )
+        retrying = http.retrying(self.config.http, self.stats, name=endpoint.label,
+                                 outcome=transient, logger=log)
         start = time.perf_counter()
         try:
             for attempt in retrying:
@@ -524,19 +518,19 @@ class LLMClient:
                     metrics.attempts += 1
                     return self._client(endpoint).chat.completions.create(
                         model=endpoint.model, **request)
-        except RetryError as exc:  # every attempt failed with a transient error
-            last = exc.last_attempt.exception()
-            reason = self._describe(last, endpoint)
-            metrics.error = f"{reason} ({metrics.attempts} attempts)"
-            raise _EndpointDown(metrics.error) from None
-        except openai.APIStatusError as exc:
-            metrics.error = self._describe(exc)
-            if exc.status_code in _ENDPOINT_STATUS:
+        except Exception as exc:
+            if transient(exc) is not None:  # every attempt failed with a transient error
+                metrics.error = f"{self._describe(exc, endpoint)} ({metrics.attempts} attempts)"
                 raise _EndpointDown(metrics.error) from None
-            raise LLMRequestError(metrics.error, exc.status_code) from None
-        except openai.OpenAIError as exc:
-            metrics.error = self._describe(exc)
-            raise LLMRequestError(metrics.error) from None
+            if isinstance(exc, openai.APIStatusError):
+                metrics.error = self._describe(exc)
+                if exc.status_code in _ENDPOINT_STATUS:
+                    raise _EndpointDown(metrics.error) from None
+                raise LLMRequestError(metrics.error, exc.status_code) from None
+            if isinstance(exc, openai.OpenAIError):
+                metrics.error = self._describe(exc)
+                raise LLMRequestError(metrics.error) from None
+            raise
         finally:
             metrics.latency_seconds = round(time.perf_counter() - start, 4)
         raise AssertionError("unreachable")  # pragma: no cover

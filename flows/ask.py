@@ -107,7 +107,7 @@ def ask(settings: Settings, question: str, *, k: int = 5, source: str | None = N
                     seconds={"retrieval": round(time.perf_counter() - start, 3)})
     if not hits:
         return result
-    client = llm or LLMClient(settings.llm.config())
+    client = llm or LLMClient(settings.llm_config())
     start = time.perf_counter()
     try:
         messages, result.used = answer_prompt(client, question, hits, language=result.language)

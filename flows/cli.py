@@ -463,7 +463,7 @@ def _start_standin_if_needed(settings: Settings) -> tuple[Any, dict[str, Any]]:
     LLM endpoint answers, else ``(None, {})``."""
     from connectors.llm import LLMClient, LLMUnavailable, StandinServer
 
-    probe = LLMClient(settings.llm.config())
+    probe = LLMClient(settings.llm_config())
     try:
         endpoint = probe.probe()
         err_console.print(f"using the configured LLM: {endpoint.label}", highlight=False)

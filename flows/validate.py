@@ -726,7 +726,7 @@ def run_validation(settings: Settings, *, sample_size: int | None = None,
     seed = seed if seed is not None else v.seed if v.seed is not None else secrets.randbelow(
         2**31)
     run = Run(settings=settings, seed=seed, sample_size=n,
-              llm=llm or LLMClient(settings.llm.config()))
+              llm=llm or LLMClient(settings.llm_config()))
     golden_items = load_golden_set(v.golden_set) if v.golden_set else []
     endpoint_label: str | None = None
     try:
@@ -773,7 +773,7 @@ def run_validation(settings: Settings, *, sample_size: int | None = None,
         run.llm.close()
     path = write_report(settings, report)
     report["report_path"] = str(path)
-    _publish(report, settings.llm.config().secrets)
+    _publish(report, settings.llm_config().secrets)
     logger.info("validation %s: %s (report %s)", report["status"], report["reason"], path)
     return report
 
