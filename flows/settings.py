@@ -35,10 +35,10 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from connectors.base import SourceOptions
-from connectors.http import RetryPolicy, fold_legacy_keys
 from connectors.confluence import ConfluenceConnector, ConfluenceSourceOptions
 from connectors.git import GitConnector, GitSourceOptions
 from connectors.gitlab import GitLabConnector, GitLabSourceOptions
+from connectors.http import RetryPolicy, fold_legacy_keys
 from connectors.jira import JiraConnector, JiraSourceOptions
 from connectors.llm import (
     DEFAULT_API_KEY,

@@ -61,7 +61,6 @@ from connectors.llm import (
     LLMError,
     LLMRequestError,
     LLMUnavailable,
-    message_tokens,
 )
 from flows.ask import answer_prompt
 from flows.retrieve import RetrievedChunk, open_store, retrieve
@@ -85,6 +84,7 @@ from transforms.evaluation import (
     thresholds_markdown,
     why_not_informative,
 )
+from transforms.replies import message_tokens
 
 log = logging.getLogger(__name__)
 

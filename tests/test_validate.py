@@ -41,11 +41,11 @@ from tests.conftest import Repo
 from tests.validation_corpus import GOLDEN, HANDBOOK
 from transforms.evaluation import (
     ChunkRef,
+    Metrics,
+    ThresholdCheck,
     aggregate,
     allocate,
     check_thresholds,
-    Metrics,
-    ThresholdCheck,
     citations,
     describe_failures,
     results_markdown,
