@@ -12,10 +12,10 @@ import uuid
 import chromadb
 import pytest
 
-from connectors.base import DocumentIssue, FetchRequest
 from connectors.chroma import ChromaStore
 from flows.sync import Pipeline, SyncSummary, index_source, read_page
 from tests.conftest import long_markdown
+from tests.test_sync import FailOneDocument
 
 
 @pytest.fixture(scope="session")
@@ -101,24 +101,6 @@ def test_a_deleted_document_leaves_the_index(make_repo, index):
     assert result.documents_deleted == 1 and result.chunks_deleted >= 1
     assert set(chunks_by_doc(index.store)) == {"src0:a.md"}
     assert index.state.get("src0").cursor == {"commit": repo.head}
-
-
-class FailOneDocument:
-    """The source answers 500 for one document this time: it comes as a ``failed`` issue."""
-
-    def __init__(self, inner, doc_id: str):
-        self.inner, self.doc_id = inner, doc_id
-        self.name, self.source_type = inner.name, inner.source_type
-
-    def fetch(self, request: FetchRequest, checkpoint=None):
-        for page in self.inner.fetch(request, checkpoint):
-            if any(d.id == self.doc_id for d in page.documents):
-                page.documents = [d for d in page.documents if d.id != self.doc_id]
-                page.issues.append(DocumentIssue(self.doc_id, "HTTP 500 from the source"))
-            yield page
-
-    def list_ids(self):
-        return self.inner.list_ids()
 
 
 def test_a_failing_document_holds_the_cursor(make_repo, make_settings, index):
