@@ -83,6 +83,8 @@ class ChromaStore:
         collection: collection name (3-512 chars of ``[a-zA-Z0-9._-]``).
         model: embedding model identity; ``None`` opens read-only without checking.
         dimension: embedding dimension that goes with ``model``.
+        client: an open chromadb client to use instead of ``path``/``url`` (e.g.
+            ``chromadb.EphemeralClient()``, in memory).
 
     Raises:
         EmbeddingModelMismatch: the collection exists and was built with another model.
@@ -91,13 +93,15 @@ class ChromaStore:
 
     def __init__(self, *, path: Path | str | None = None, url: str | None = None,
                  collection: str = "kbsync", model: str | None = None,
-                 dimension: int | None = None) -> None:
+                 dimension: int | None = None, client: Any = None) -> None:
         import chromadb
         from chromadb.config import Settings
 
         settings = Settings(anonymized_telemetry=False)
         try:
-            if url:
+            if client is not None:
+                self.client = client
+            elif url:
                 parsed = urlparse(url)
                 self.client = chromadb.HttpClient(
                     host=parsed.hostname or "localhost",

@@ -47,7 +47,7 @@ Offset pagination is guarded:
 **Faults** (https://developer.atlassian.com/cloud/confluence/rate-limiting/ and
 https://confluence.atlassian.com/doc/configuring-global-rate-limiting-1798635796.html for Data
 Center), classified and retried by :mod:`connectors.http` (the client's own retries are
-off). 429 waits for ``Retry-After`` (capped at ``retry_after_max_seconds``), and
+off). 429 waits for ``Retry-After`` (capped at ``http.max_retry_after_seconds``), and
 so does Server/DC's 403 that says "rate limit"; 5xx and network errors retry with
 exponential backoff; when a results page still fails with 5xx, the page
 size is halved down to ``min_page_size``; when retries run out the fetch raises
@@ -86,7 +86,7 @@ from urllib.parse import parse_qsl, quote, urlparse
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import requests
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from connectors import http
 from connectors.base import (
@@ -125,7 +125,7 @@ CQL_DATE = "%Y-%m-%d %H:%M"
 USER_PARAM = {"userkey": "key", "account-id": "accountId", "username": "username"}
 
 
-class ConfluenceSourceOptions(SourceOptions):
+class ConfluenceSourceOptions(http.HttpOptions, SourceOptions):
     """Settings of one Confluence source (``flows.settings.ConfluenceSource`` adds
     ``type``, ``schedule`` and the scope and auth checks).
 
@@ -155,13 +155,6 @@ class ConfluenceSourceOptions(SourceOptions):
     attachments: bool = Field(False, description="index text-like attachments")
     attachment_max_bytes: int = Field(10_000_000, ge=1)
     resolve_mentions: bool = Field(True, description="look up names of mentioned users")
-    max_retries: int = Field(5, ge=0, le=50, description="retries of one request")
-    retry_after_max_seconds: float = Field(
-        60.0, ge=0, description="cap on Retry-After (also read as max_retry_after_seconds)",
-        validation_alias=AliasChoices("retry_after_max_seconds", "max_retry_after_seconds"))
-    backoff_initial_seconds: float = Field(1.0, ge=0)
-    backoff_max_seconds: float = Field(30.0, ge=0)
-    timeout_seconds: float = Field(60.0, gt=0)
     verify_ssl: bool = True
 
     @field_validator("timezone")
@@ -180,15 +173,6 @@ class ConfluenceSourceOptions(SourceOptions):
         if value is not None and re.search(r"\border\s+by\b", value, re.IGNORECASE):
             raise ValueError("leave ORDER BY out of cql (kbsync orders by lastmodified)")
         return value.strip() if value else None
-
-    @property
-    def policy(self) -> http.RetryPolicy:
-        """The retry policy of this source, in the shared vocabulary."""
-        return http.RetryPolicy(
-            retries=self.max_retries, backoff_seconds=self.backoff_initial_seconds,
-            max_backoff_seconds=self.backoff_max_seconds,
-            max_retry_after_seconds=self.retry_after_max_seconds,
-            timeout_seconds=self.timeout_seconds)
 
     @property
     def is_cloud(self) -> bool:
@@ -332,7 +316,7 @@ class ConfluenceConnector:
         self.options = options
         self.name = options.name
         self._client = client
-        self.policy = options.policy
+        self.policy = options.http
         self._users: dict[str, str | None] = {}
         self.stats: dict[str, float] = {
             "requests": 0, "retries": 0, "throttled": 0, "waited_seconds": 0.0,
@@ -353,7 +337,7 @@ class ConfluenceConnector:
         if self._client is None:
             o = self.options
             kwargs: dict[str, Any] = {
-                "cloud": o.is_cloud, "timeout": o.timeout_seconds, "verify_ssl": o.verify_ssl,
+                "cloud": o.is_cloud, "timeout": o.http.timeout_seconds, "verify_ssl": o.verify_ssl,
                 "retry_with_header": False, "backoff_and_retry": False,
             }
             if o.email and o.api_token:

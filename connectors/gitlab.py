@@ -123,7 +123,7 @@ _Event = tuple[str, Any]
 GitLabPart = Literal["code", "issues", "merge_requests", "wiki"]
 
 
-class GitLabSourceOptions(SourceOptions):
+class GitLabSourceOptions(http.HttpOptions, SourceOptions):
     """Settings of one GitLab source (``flows.settings.GitLabSource`` adds ``type``,
     ``schedule`` and the projects-or-group check)."""
 
@@ -145,10 +145,6 @@ class GitLabSourceOptions(SourceOptions):
     include_confidential: bool = Field(
         False, description="index confidential issues and internal notes")
     page_size: int = Field(100, ge=1, le=100, description="items per API page and per sync page")
-    max_retries: int = Field(5, ge=0, description="python-gitlab retries of 429/5xx/timeouts")
-    timeout_seconds: float = Field(60, gt=0)
-    max_retry_after_seconds: float = Field(
-        60.0, gt=0, description="longest Retry-After / RateLimit-Reset wait (cut and counted)")
     clone_url: str | None = Field(
         None, description="clone URL template ({path}, {id}); default http_url_to_repo")
     ssl_verify: bool | str = Field(True, description="false, or a CA bundle path")
@@ -241,20 +237,18 @@ class GitLabConnector:
         if self._gl is None:
             self._gl = gitlab.Gitlab(
                 url=self.options.base_url, private_token=reveal(self.options.token),
-                timeout=self.options.timeout_seconds, ssl_verify=self.options.ssl_verify,
+                timeout=self.options.http.timeout_seconds, ssl_verify=self.options.ssl_verify,
                 retry_transient_errors=True, keep_base_url=True,
                 user_agent="kbsync (python-gitlab)")
             # python-gitlab sleeps for any Retry-After it is sent: cap and count it
-            http.cap_waits(self._gl.session, http.RetryPolicy(
-                retries=self.options.max_retries,
-                max_retry_after_seconds=self.options.max_retry_after_seconds), self.stats)
+            http.cap_waits(self._gl.session, self.options.http, self.stats)
         return self._gl
 
     @property
     def _retries(self) -> dict[str, Any]:
         # max_retries is an argument of Gitlab.http_request, passed through list()/get()
         # (and kept by GitlabList for every following page)
-        return {"max_retries": self.options.max_retries}
+        return {"max_retries": self.options.http.max_retries}
 
     def _message(self, what: str, exc: BaseException) -> str:
         if isinstance(exc, GitlabError):

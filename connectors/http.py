@@ -26,7 +26,7 @@ Layers above the request: a page fetch that still fails raises
 retries only that error (``sync.fetch_retries``, after ``sync.fetch_retry_delay_seconds``)
 and resumes from the last checkpoint. That outer retry is for outages longer than one
 request's retry budget (minutes, not seconds); at worst one page costs
-``(fetch_retries + 1) x (retries + 1)`` requests, a bound, never an unbounded sleep.
+``(fetch_retries + 1) x (max_retries + 1)`` requests, a bound, never an unbounded sleep.
 
 Secrets: messages built here go through :func:`connectors.base.redact` by the caller
 (the one place that knows a source's secrets).
@@ -44,6 +44,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
 import requests
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -59,24 +60,82 @@ Kind = Literal["retryable", "rate_limited", "fatal"]
 RETRYABLE_STATUS = frozenset({408, 500, 502, 503, 504})
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How one source retries a request (the same keys for every source).
+class RetryPolicy(BaseModel):
+    """How a client retries a request: the one retry vocabulary of the settings.
+
+    The top-level ``http:`` section of the settings is one; each Confluence, Jira and
+    GitLab source and the ``llm:`` section may hold an ``http:`` of their own whose keys
+    replace the top-level ones (:meth:`over`). The names are those the client libraries
+    use (``max_retries`` in python-gitlab, ``jira`` and ``openai``).
 
     Attributes:
-        retries: extra attempts after the first (0: no retry).
+        max_retries: extra attempts after the first (0: no retry).
         backoff_seconds: the first backoff wait, doubled each attempt, plus jitter.
         max_backoff_seconds: the longest backoff wait.
         max_retry_after_seconds: the longest wait a server may ask for (``Retry-After``,
             ``RateLimit-Reset``); a longer ask is cut to it (and counted).
-        timeout_seconds: the read timeout of one request.
+        timeout_seconds: the read timeout of one request (the LLM's is
+            ``llm.timeout_seconds``: a generation is not a REST call).
     """
 
-    retries: int = 3
-    backoff_seconds: float = 2.0
-    max_backoff_seconds: float = 30.0
-    max_retry_after_seconds: float = 60.0
-    timeout_seconds: float = 60.0
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_retries: int = Field(3, ge=0, le=50, description="extra attempts after the first")
+    backoff_seconds: float = Field(2.0, ge=0, description="first backoff; doubles each try")
+    max_backoff_seconds: float = Field(30.0, ge=0, description="longest backoff wait")
+    max_retry_after_seconds: float = Field(
+        60.0, ge=0, description="longest wait a server may ask for (Retry-After, "
+                                "RateLimit-Reset); longer asks are cut to it and counted")
+    timeout_seconds: float = Field(60.0, gt=0, description="read timeout of one request")
+
+    def over(self, base: RetryPolicy) -> RetryPolicy:
+        """``base`` with the keys set explicitly here put over it (a source's ``http:``
+        over the top-level one)."""
+        return base.model_copy(update={key: getattr(self, key) for key in self.model_fields_set})
+
+
+#: Old per-source retry keys, still read (deprecated): old name -> ``http:`` key.
+LEGACY_KEYS = {
+    "max_retries": "max_retries", "timeout_seconds": "timeout_seconds",
+    "backoff_seconds": "backoff_seconds", "max_backoff_seconds": "max_backoff_seconds",
+    "max_retry_after_seconds": "max_retry_after_seconds",
+    "retry_after_max_seconds": "max_retry_after_seconds",  # Confluence
+    "backoff_initial_seconds": "backoff_seconds",  # Confluence
+    "backoff_max_seconds": "max_backoff_seconds",  # Confluence
+    "max_retry_delay_seconds": "max_backoff_seconds",  # Jira
+}
+
+
+def fold_legacy_keys(data: Any, legacy: Mapping[str, str] = LEGACY_KEYS) -> Any:
+    """A source's (or ``llm:``'s) raw settings with its old flat retry keys moved into
+    its ``http:`` mapping (a key given in ``http:`` wins). For ``mode="before"``
+    validators; anything but a mapping passes through."""
+    if not isinstance(data, Mapping) or not any(key in data for key in legacy):
+        return data
+    data = dict(data)
+    nested = data.get("http") or {}
+    if isinstance(nested, RetryPolicy):
+        nested = {key: getattr(nested, key) for key in nested.model_fields_set}
+    nested = dict(nested)
+    for old, new in legacy.items():
+        if old in data:
+            nested.setdefault(new, data.pop(old))
+    data["http"] = nested
+    return data
+
+
+class HttpOptions(BaseModel):
+    """Mixin of the options of an HTTP source: its ``http:`` retry policy, which the
+    settings resolve over the top-level ``http:`` (:meth:`RetryPolicy.over`); the old
+    flat keys (``max_retries``, ``retry_after_max_seconds``, ...) are read into it."""
+
+    http: RetryPolicy = Field(default_factory=RetryPolicy,
+                              description="retries and timeouts; default the top-level http:")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_retry_keys(cls, data: Any) -> Any:
+        return fold_legacy_keys(data)
 
 
 #: The counters a retry loop keeps (a connector's ``stats`` dict holds them).
@@ -232,7 +291,7 @@ def retrying(policy: RetryPolicy, stats: MutableMapping[str, float], *, name: st
         sleep(seconds)
 
     return Retrying(retry=retry_if_exception(should_retry),
-                    stop=stop_after_attempt(policy.retries + 1), wait=wait,
+                    stop=stop_after_attempt(policy.max_retries + 1), wait=wait,
                     sleep=counted_sleep, before_sleep=before_sleep, reraise=True)
 
 

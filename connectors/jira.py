@@ -108,7 +108,7 @@ EPIC_LINK_SCHEMA = "com.pyxis.greenhopper.jira:gh-epic-link"
 _ORDER_BY = re.compile(r"\border\s+by\b", re.I)
 
 
-class JiraSourceOptions(SourceOptions):
+class JiraSourceOptions(http.HttpOptions, SourceOptions):
     """Settings of one Jira source (``flows.settings.JiraSource`` adds ``type``,
     ``schedule`` and the one-auth check).
 
@@ -130,13 +130,6 @@ class JiraSourceOptions(SourceOptions):
     overlap_minutes: int = Field(10, ge=0, description="re-read this much before the cursor")
     page_size: int = Field(50, ge=1, le=1000, description="issues per search page")
     comment_page_size: int = Field(100, ge=1, le=5000)
-    max_retries: int = Field(3, ge=0, description="retries of 429/5xx/connection errors")
-    max_retry_delay_seconds: float = Field(
-        120.0, gt=0, description="longest wait between retries (keep >= 2 x Retry-After)")
-    backoff_seconds: float = Field(2.0, ge=0, description="first 5xx backoff, doubled each try")
-    timeout_seconds: float = Field(30.0, gt=0)
-    max_retry_after_seconds: float = Field(
-        60.0, gt=0, description="longest wait of any retry: Retry-After, connection backoff")
 
 
 def epoch_ms(moment: datetime) -> int:
@@ -235,10 +228,7 @@ class JiraConnector:
     def _retrying(self):
         """Backoff for what ``ResilientSession`` does not retry itself (one layer each)."""
         o = self.options
-        policy = http.RetryPolicy(retries=o.max_retries, backoff_seconds=o.backoff_seconds,
-                                  max_backoff_seconds=o.max_retry_delay_seconds,
-                                  max_retry_after_seconds=o.max_retry_after_seconds)
-        return http.retrying(policy, self.stats, name=f"jira source {self.name!r}",
+        return http.retrying(o.http, self.stats, name=f"jira source {self.name!r}",
                              outcome=_needs_backoff, logger=log)
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -719,10 +709,10 @@ def _needs_backoff(exc: BaseException) -> http.Outcome | None:
 def make_client(options: JiraSourceOptions, stats: dict[str, float] | None = None) -> JIRA:
     """A ``jira.JIRA`` client for ``options`` (asks ``/serverInfo`` for the deployment type).
 
-    ``max_retries`` and ``max_retry_delay_seconds`` configure the library's
+    ``http.max_retries`` and ``http.max_backoff_seconds`` configure the library's
     ``ResilientSession`` (429 waits ``Retry-After``: the session sleeps
-    ``min(max_retry_delay_seconds, 2 * Retry-After)`` times a jitter in [0.5, 1], so keep
-    ``max_retry_delay_seconds`` at least twice the longest
+    ``min(max_backoff_seconds, 2 * Retry-After)`` times a jitter in [0.5, 1], so keep
+    ``max_backoff_seconds`` at least twice the longest
     ``Retry-After`` expected).
     """
     auth: dict[str, Any] = {}
@@ -733,16 +723,16 @@ def make_client(options: JiraSourceOptions, stats: dict[str, float] | None = Non
     client = JIRA(
         server=options.base_url.rstrip("/"),
         options={"rest_api_version": str(options.api_version), "check_update": False},
-        max_retries=options.max_retries,
-        timeout=options.timeout_seconds,
+        max_retries=options.http.max_retries,
+        timeout=options.http.timeout_seconds,
         get_server_info=True,
         **auth,
     )
     # JIRA() exposes max_retries but not the session's delay cap; set it on the session.
     # It caps every wait of the session: Retry-After (it sleeps 2 x Retry-After) and the
     # 10 x 2^n s backoff of connection errors (20/40/80 s otherwise).
-    client._session.max_retry_delay = min(options.max_retry_delay_seconds,
-                                          options.max_retry_after_seconds)
+    client._session.max_retry_delay = min(options.http.max_backoff_seconds,
+                                          options.http.max_retry_after_seconds)
     http.cap_waits(client._session, http.RetryPolicy(
-        max_retry_after_seconds=options.max_retry_after_seconds / 2), stats or {})
+        max_retry_after_seconds=options.http.max_retry_after_seconds / 2), stats or {})
     return client

@@ -212,19 +212,18 @@ class PostgresLexicalIndex:
 
     def delete(self, ids: Iterable[str]) -> None:
         """Delete chunks by id (absent ids are ignored)."""
-        ids = sorted(set(ids))
-        if ids:
-            with self.engine.begin() as conn:
-                conn.execute(text("DELETE FROM lexical_chunks WHERE chunk_id = ANY(:ids)"),
-                             {"ids": ids})
+        self._delete_where("chunk_id", ids)
 
     def delete_documents(self, doc_ids: Iterable[str]) -> None:
         """Delete every chunk of these documents, including rows Chroma never got."""
-        doc_ids = sorted(set(doc_ids))
-        if doc_ids:
+        self._delete_where("doc_id", doc_ids)
+
+    def _delete_where(self, column: str, values: Iterable[str]) -> None:
+        values = sorted(set(values))
+        if values:
             with self.engine.begin() as conn:
-                conn.execute(text("DELETE FROM lexical_chunks WHERE doc_id = ANY(:ids)"),
-                             {"ids": doc_ids})
+                conn.execute(text(f"DELETE FROM lexical_chunks WHERE {column} = ANY(:ids)"),
+                             {"ids": values})
 
     def clear(self) -> None:
         """Delete everything and stamp the current version (before a rebuild)."""

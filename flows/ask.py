@@ -12,11 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from connectors.llm import LLMClient, LLMUnavailable, fit_contexts, message_tokens
+from connectors.llm import LLMClient, LLMUnavailable, fit_contexts
 from flows.retrieve import RetrievedChunk, retrieve
 from flows.settings import Settings
 from transforms.answering import Passage, answer_messages, format_contexts, question_language
 from transforms.evaluation import citations
+from transforms.replies import message_tokens
 
 #: Said when no LLM answers (``kbsync ask`` exits 3 with it).
 START_AN_LLM = ("start one with `kbsync llm serve` (the packaged stand-in model) and point "
@@ -107,7 +108,7 @@ def ask(settings: Settings, question: str, *, k: int = 5, source: str | None = N
                     seconds={"retrieval": round(time.perf_counter() - start, 3)})
     if not hits:
         return result
-    client = llm or LLMClient(settings.llm.config())
+    client = llm or LLMClient(settings.llm_config())
     start = time.perf_counter()
     try:
         messages, result.used = answer_prompt(client, question, hits, language=result.language)

@@ -470,7 +470,7 @@ def _start_standin_if_needed(settings: Settings) -> tuple[Any, dict[str, Any]]:
     LLM endpoint answers, else ``(None, {})``."""
     from connectors.llm import LLMClient, LLMUnavailable, StandinServer
 
-    probe = LLMClient(settings.llm.config())
+    probe = LLMClient(settings.llm_config())
     try:
         endpoint = probe.probe()
         err_console.print(f"using the configured LLM: {endpoint.label}", highlight=False)
@@ -600,6 +600,8 @@ def _num(value: Any, digits: int = 2) -> str:
 
 
 def _print_report(report: dict[str, Any]) -> None:
+    from transforms.evaluation import Metrics, result_cells, result_columns
+
     k = report["run"]["top_k"]
     style = STATUS_STYLE[report["status"]]
     console.print(f"[{style}]validation {report['status'].upper()}[/]: {report['reason']}",
@@ -608,16 +610,13 @@ def _print_report(report: dict[str, Any]) -> None:
         console.print(f"  note: {note}", highlight=False, markup=False, soft_wrap=True)
     table = Table(title=f"validation (hit rates and MRR at k={k}; faithfulness 0-1, "
                         "correctness 1-5)", box=None, pad_edge=False)
-    for column in ("set", "n", "chunk hit", "chunk MRR", "doc hit", "doc MRR", "faith",
-                   "correct", "judge fail"):
-        table.add_column(column, justify="right" if column != "set" else "left",
-                         no_wrap=column == "set")
+    table.add_column("set", no_wrap=True)
+    for heading, _ in result_columns(k, short=True):
+        table.add_column(heading, justify="right")
     rows = [(label, m) for label, m in report["metrics"].items() if m]
     rows += [(f"  {source}", m) for source, m in report["by_source"].items()]
     for label, m in rows:
-        table.add_row(label, str(m["questions"]), _num(m["chunk_hit_rate"]), _num(m["chunk_mrr"]),
-                      _num(m["doc_hit_rate"]), _num(m["doc_mrr"]), _num(m["faithfulness"]),
-                      _num(m["correctness"]), str(m["judge_failures"]))
+        table.add_row(label, *result_cells(Metrics(**m), k))
     console.print(table)
     llm = report["llm"]
     calls = llm["calls"]

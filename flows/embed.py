@@ -138,16 +138,17 @@ def rebuild_lexical(store: ChromaStore, lexical: LexicalBackend, page: int = 200
 
 
 def open_collection(settings: Settings, model_name: str,
-                    embedder: Callable[[], Any]) -> ChromaStore:
+                    embedder: Callable[[], Any], store: ChromaStore | None = None) -> ChromaStore:
     """The collection for ``model_name``, created on first use; the model is loaded (for its
-    dimension) only when the collection does not record one yet.
+    dimension) only when the collection does not record one yet. ``store``: use this
+    store (its client and collection name) instead of the one the settings name.
 
     Raises:
         connectors.chroma.EmbeddingModelMismatch: the collection holds another model.
         connectors.chroma.StoreError: Chroma cannot be reached.
     """
-    store = ChromaStore(path=settings.chroma_path, url=settings.chroma.url,
-                        collection=settings.chroma.collection)
+    store = store or ChromaStore(path=settings.chroma_path, url=settings.chroma.url,
+                                 collection=settings.chroma.collection)
     stored_model, stored_dim = store.stored_model()
     if stored_model == model_name and stored_dim is not None:
         store.model, store.dimension = model_name, stored_dim

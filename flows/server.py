@@ -58,7 +58,7 @@ def start(data_dir: Path, *, port: int | None = None, timeout: float = 180.0) ->
         RuntimeError: it exited or did not answer within ``timeout`` seconds (the message
             carries the end of its log).
     """
-    from connectors.llm import free_port
+    from connectors.llm_server import free_port
 
     current = running(data_dir)
     if current is not None:

@@ -38,6 +38,7 @@ from connectors.base import SourceOptions
 from connectors.confluence import ConfluenceConnector, ConfluenceSourceOptions
 from connectors.git import GitConnector, GitSourceOptions
 from connectors.gitlab import GitLabConnector, GitLabSourceOptions
+from connectors.http import RetryPolicy, fold_legacy_keys
 from connectors.jira import JiraConnector, JiraSourceOptions
 from connectors.llm import (
     DEFAULT_API_KEY,
@@ -245,10 +246,12 @@ class LLMSettings(_Model):
     base_url: str = Field(DEFAULT_BASE_URL, description="OpenAI-compatible API root (Ollama /v1)")
     model: str = Field(DEFAULT_LLM_MODEL, min_length=1)
     api_key: SecretStr = Field(SecretStr(DEFAULT_API_KEY), description="local servers ignore it")
-    timeout_seconds: float = Field(300.0, gt=0, description="read timeout of one request")
+    timeout_seconds: float = Field(300.0, gt=0, description="read timeout of one request "
+                                   "(a generation, not a REST call: not http.timeout_seconds)")
     connect_timeout_seconds: float = Field(5.0, gt=0)
-    retries: int = Field(2, ge=0, description="retries on connection errors, timeouts, 429, 5xx")
-    retry_backoff_seconds: float = Field(2.0, ge=0, description="first wait; doubles each retry")
+    http: RetryPolicy = Field(default_factory=RetryPolicy,
+                              description="retries of connection errors, timeouts, 429, 5xx; "
+                                          "keys set here replace the top-level http: ones")
     max_context_tokens: int = Field(8192, ge=256,
                                     description="the server's context window (Ollama num_ctx)")
     max_reply_tokens: int = Field(2048, ge=16, description="reasoning included")
@@ -257,6 +260,13 @@ class LLMSettings(_Model):
     standin: bool = Field(False, description="the model is a stand-in (e.g. the packaged "
                                              "SmolLM2): validation reports its answer "
                                              "quality but does not judge by it")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_retry_keys(cls, data: Any) -> Any:
+        # deprecated: llm.retries, llm.retry_backoff_seconds
+        return fold_legacy_keys(data, {"retries": "max_retries",
+                                       "retry_backoff_seconds": "backoff_seconds"})
 
     @field_validator("presets")
     @classmethod
@@ -272,8 +282,10 @@ class LLMSettings(_Model):
             raise ValueError("max_reply_tokens must be smaller than max_context_tokens")
         return self
 
-    def config(self) -> LLMConfig:
-        """The connector's configuration: the primary endpoint, then the fallbacks."""
+    def config(self, http: RetryPolicy | None = None) -> LLMConfig:
+        """The connector's configuration: the primary endpoint, then the fallbacks;
+        ``http`` is the top-level ``http:`` section that ``llm.http`` is put over (pass
+        ``settings.http``; :meth:`Settings.llm_config` does)."""
         key = self.api_key.get_secret_value()
         endpoints = [Endpoint(self.base_url, self.model, key)] + [
             Endpoint(f.base_url or self.base_url, f.model,
@@ -281,8 +293,8 @@ class LLMSettings(_Model):
             for f in self.fallbacks]
         return LLMConfig(
             endpoints=tuple(endpoints), timeout_seconds=self.timeout_seconds,
-            connect_timeout_seconds=self.connect_timeout_seconds, retries=self.retries,
-            backoff_seconds=self.retry_backoff_seconds,
+            connect_timeout_seconds=self.connect_timeout_seconds,
+            http=self.http.over(http or RetryPolicy()),
             max_context_tokens=self.max_context_tokens, max_reply_tokens=self.max_reply_tokens,
             presets={n: Sampling(p.temperature, p.top_p) for n, p in self.presets.items()})
 
@@ -323,10 +335,14 @@ class ValidationSettings(_Model):
         "dense side)")
 
 
-def _options(source: SourceOptions, options: type[Options]) -> Options:
+def _options(source: SourceOptions, options: type[Options], settings: Settings) -> Options:
     """The connector's own options out of a source's settings (``type`` and ``schedule``
-    left behind); secrets stay ``SecretStr``."""
-    return options.model_validate({key: getattr(source, key) for key in options.model_fields})
+    left behind; the source's ``http:`` put over the top-level one); secrets stay
+    ``SecretStr``."""
+    values = {key: getattr(source, key) for key in options.model_fields}
+    if "http" in values:
+        values["http"] = values["http"].over(settings.http)
+    return options.model_validate(values)
 
 
 class _Source(SourceOptions):
@@ -344,7 +360,7 @@ class GitSource(_Source, GitSourceOptions):
 
     def build(self, settings: Settings) -> GitConnector:
         """The connector for this source."""
-        return GitConnector(_options(self, GitSourceOptions), data_dir=settings.data_dir)
+        return GitConnector(_options(self, GitSourceOptions, settings), data_dir=settings.data_dir)
 
 
 class ConfluenceSource(_Source, ConfluenceSourceOptions):
@@ -371,13 +387,13 @@ class ConfluenceSource(_Source, ConfluenceSourceOptions):
                              "username + password")
         return self
 
-    def options(self) -> ConfluenceSourceOptions:
+    def options(self, settings: Settings) -> ConfluenceSourceOptions:
         """The connector's options (secrets stay ``SecretStr``)."""
-        return _options(self, ConfluenceSourceOptions)
+        return _options(self, ConfluenceSourceOptions, settings)
 
     def build(self, settings: Settings) -> ConfluenceConnector:
         """The connector for this source."""
-        return ConfluenceConnector(self.options())
+        return ConfluenceConnector(self.options(settings))
 
 
 class GitLabSource(_Source, GitLabSourceOptions):
@@ -393,7 +409,8 @@ class GitLabSource(_Source, GitLabSourceOptions):
 
     def build(self, settings: Settings) -> GitLabConnector:
         """The connector for this source."""
-        return GitLabConnector(_options(self, GitLabSourceOptions), data_dir=settings.data_dir)
+        return GitLabConnector(_options(self, GitLabSourceOptions, settings),
+                               data_dir=settings.data_dir)
 
 
 class JiraSource(_Source, JiraSourceOptions):
@@ -415,7 +432,7 @@ class JiraSource(_Source, JiraSourceOptions):
 
     def build(self, settings: Settings) -> JiraConnector:
         """The connector for this source."""
-        return JiraConnector(_options(self, JiraSourceOptions))
+        return JiraConnector(_options(self, JiraSourceOptions, settings))
 
 
 #: Every source type; later source types join this union.
@@ -435,6 +452,10 @@ class Settings(BaseSettings):
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     chunking: ChunkingSettings = Field(default_factory=ChunkingSettings)
     sync: SyncSettings = Field(default_factory=SyncSettings)
+    http: RetryPolicy = Field(default_factory=RetryPolicy,
+                              description="retries and timeouts of every HTTP client: "
+                                          "Confluence, Jira, GitLab, the LLM; a source's "
+                                          "own http: (or llm.http) replaces single keys")
     lexical: LexicalSettings = Field(default_factory=LexicalSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     deployments: DeploymentSettings = Field(default_factory=DeploymentSettings)
@@ -483,6 +504,10 @@ class Settings(BaseSettings):
     def validation_dir(self) -> Path:
         """Where validation reports and their history are written."""
         return self.data_dir / "validation"
+
+    def llm_config(self) -> LLMConfig:
+        """The LLM client's configuration, ``llm.http`` put over ``http``."""
+        return self.llm.config(self.http)
 
     def source(self, name: str) -> Any:
         """The settings of source ``name``; raises :class:`ConfigError` if unknown."""

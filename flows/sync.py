@@ -137,17 +137,24 @@ class Pipeline:
         settings: loaded settings.
         embed_parameters: extra parameters of remote ``embed`` runs (the sync flow passes
             its ``config_path`` and ``overrides``, so both sides read the same settings).
+        store: an unopened :class:`ChromaStore` to use instead of the one the settings
+            name (a test passes one on ``chromadb.EphemeralClient()``); its model identity
+            is checked and recorded as for the configured one.
+        embedder: an already loaded embedder of ``embedding.model`` (one per test
+            session instead of one per run).
     """
 
     def __init__(self, settings: Settings,
-                 embed_parameters: dict[str, Any] | None = None) -> None:
+                 embed_parameters: dict[str, Any] | None = None, *,
+                 store: ChromaStore | None = None, embedder: Any = None) -> None:
         self.settings = settings
         self.embed_parameters = embed_parameters or {}
         #: the run's lease on its source, kept alive by its heartbeat thread
         self.lease: LeaseHeartbeat | None = None
         self.state = StateStore(settings.resolved_state_url)
         self.model_name, _ = resolve_model(settings.embedding.model)
-        self._embedder: Any = None
+        self._embedder: Any = embedder
+        self._given_store = store
         self._store: ChromaStore | None = None
         self._chunking: ChunkingConfig | None = None
         self._lexical: LexicalBackend | None = None
@@ -172,7 +179,7 @@ class Pipeline:
         collection's) — without loading the model when the collection already exists."""
         if self._store is None:
             self._store = open_collection(self.settings, self.model_name,
-                                          lambda: self.embedder)
+                                          lambda: self.embedder, store=self._given_store)
         return self._store
 
     @property
@@ -256,10 +263,17 @@ def _retry_fetch(task, task_run, state) -> bool:
     return False
 
 
+def read_page(reader: PageReader) -> Page | None:
+    """The next page of changes, or ``None`` when the source has no more (the plain
+    fetch step of :func:`index_source`)."""
+    return reader.next_page()
+
+
 @task(name="fetch-page", cache_policy=NO_CACHE, retry_condition_fn=_retry_fetch)
 def fetch_page(reader: PageReader) -> Page | None:
-    """The next page of changes, or ``None`` when the source has no more."""
-    return reader.next_page()
+    """:func:`read_page` as a Prefect task: retried on transient errors, and each retry
+    resumes from the reader's last durable checkpoint."""
+    return read_page(reader)
 
 
 def chunk_metadata(doc: Document, doc_hash: str, chunk: Chunk, chunk_count: int) -> dict[str, Any]:
@@ -509,8 +523,8 @@ class BatchWriter:
         summary.chunks_deleted += len(batch.delete_ids)
 
 
-@task(name="reconcile", cache_policy=NO_CACHE)
-def reconcile(pipeline: Pipeline, connector: SourceConnector, summary: SyncSummary) -> bool:
+def reconcile_deletions(pipeline: Pipeline, connector: SourceConnector,
+                        summary: SyncSummary) -> bool:
     """Delete documents the index holds but the source no longer lists.
 
     Returns False (and deletes nothing) when the listing was incomplete.
@@ -518,8 +532,8 @@ def reconcile(pipeline: Pipeline, connector: SourceConnector, summary: SyncSumma
     with summary.timed("reconcile"):
         listing = connector.list_ids()
         if not listing.complete:
-            get_run_logger().warning("reconciliation skipped: incomplete listing (%s)",
-                                     listing.reason)
+            _logger().warning("reconciliation skipped: incomplete listing (%s)",
+                              listing.reason)
             return False
         indexed = pipeline.store.doc_ids(summary.source)
         gone = sorted(indexed - listing.ids)
@@ -530,6 +544,10 @@ def reconcile(pipeline: Pipeline, connector: SourceConnector, summary: SyncSumma
             summary.documents_deleted += len(gone)
             summary.chunks_deleted += sum(len(doc.chunk_ids) for doc in held.values())
         return True
+
+
+#: :func:`reconcile_deletions` as a Prefect task (a run of its own in the UI).
+reconcile_task = task(reconcile_deletions, name="reconcile", cache_policy=NO_CACHE)
 
 
 def _artifact_key(source: str) -> str:
@@ -647,8 +665,12 @@ def run_sync(settings: Settings, source: str, *, full: bool = False,
                 index_lock(settings):
             pipeline.lease = lease
             with summary.timed("total"):
-                _run(pipeline, connector, summary, full=full, since=since_dt, until=until_dt,
-                     force_reconcile=reconcile)
+                index_source(pipeline, connector, summary, full=full, since=since_dt,
+                             until=until_dt, force_reconcile=reconcile,
+                             fetch=fetch_page.with_options(
+                                 retries=settings.sync.fetch_retries,
+                                 retry_delay_seconds=settings.sync.fetch_retry_delay_seconds),
+                             reconcile=reconcile_task)
     except BaseException as exc:
         summary.status = "failed"
         summary.error = f"{type(exc).__name__}: {exc}"
@@ -669,20 +691,48 @@ def _close(connector: SourceConnector) -> None:
         close()
 
 
-def _run(pipeline: Pipeline, connector: SourceConnector, summary: SyncSummary, *, full: bool,
-         since: datetime | None, until: datetime | None,
-         force_reconcile: bool = False) -> None:
+#: The fetch step of :func:`index_source`: the next page of a reader, or ``None``.
+FetchStep = Callable[[PageReader], Page | None]
+#: The reconcile step of :func:`index_source` (see :func:`reconcile_deletions`).
+ReconcileStep = Callable[[Pipeline, SourceConnector, SyncSummary], bool]
+
+
+def index_source(pipeline: Pipeline, connector: SourceConnector, summary: SyncSummary, *,
+                 full: bool = False, since: datetime | None = None,
+                 until: datetime | None = None, force_reconcile: bool = False,
+                 fetch: FetchStep = read_page,
+                 reconcile: ReconcileStep = reconcile_deletions) -> SyncSummary:
+    """The whole sync of one source, top to bottom, with no Prefect in it: fetch pages
+    from the cursor (or the resumed checkpoint) -> :func:`plan_page` -> embed and write
+    through :class:`BatchWriter` (each batch's checkpoint saved once it is durable) ->
+    reconcile deletions when due -> move the cursor when
+    :func:`connectors.base.cursor_may_advance` says so. Fills and returns ``summary``.
+
+    Args:
+        pipeline: the run's resources (state store, Chroma, embedder, lexical index).
+        connector: the source.
+        summary: the run's summary, filled in place.
+        full: read everything (no cursor) and reconcile deletions.
+        since/until: a backfill window (UTC); the cursor never moves.
+        force_reconcile: reconcile even when not due (ignored for backfills).
+        fetch: the fetch step; :func:`run_sync` passes the ``fetch-page`` Prefect task
+            (retries from the checkpoint), a test the plain :func:`read_page`.
+        reconcile: the reconcile step; :func:`run_sync` passes the ``reconcile`` task.
+
+    Raises:
+        what ``fetch`` raised once its retries were spent (pages read before it are
+        written and checkpointed first); what the embedder raised for a batch (nothing
+        of that batch was written); ``flows.state.LeaseLost``. The cursor does not move
+        in any of these cases.
+    """
     settings, state = pipeline.settings, pipeline.state
-    logger = get_run_logger()
     before = state.get(summary.source)
     request = FetchRequest(cursor=None if full or since else before.cursor, since=since,
                            until=until)
     checkpoint = state.checkpoint_for(summary.source, request.key())
     if checkpoint:
-        logger.info("resuming %s from checkpoint %s", summary.source, checkpoint)
+        _logger().info("resuming %s from checkpoint %s", summary.source, checkpoint)
     reader = PageReader(connector, request, checkpoint)
-    fetch = fetch_page.with_options(retries=settings.sync.fetch_retries,
-                                    retry_delay_seconds=settings.sync.fetch_retry_delay_seconds)
     final_cursor: dict[str, Any] | None = None
     docs_seen = 0
     page_log = PageLog(summary, since=since, until=until)
@@ -714,23 +764,24 @@ def _run(pipeline: Pipeline, connector: SourceConnector, summary: SyncSummary, *
         writer.close()
     failed = writer.failed
     summary.embed_batches = writer.batches
-
     summary.documents_failed = len(failed)
-    reconciled = False
-    due = settings.sync.reconcile_every and before.syncs_since_reconcile + 1 >= settings.sync.reconcile_every
-    if not since and (full or due or force_reconcile):
-        reconciled = reconcile(pipeline, connector, summary)
-    summary.reconciled = reconciled
+
+    every = settings.sync.reconcile_every
+    due = bool(every) and before.syncs_since_reconcile + 1 >= every
+    reconciled = not since and (full or due or force_reconcile) and \
+        reconcile(pipeline, connector, summary)
+    summary.reconciled = bool(reconciled)
 
     advance = not since and cursor_may_advance(final_cursor, failed)  # the one rule
     summary.cursor = final_cursor if advance else before.cursor
     summary.cursor_advanced = advance and final_cursor != before.cursor
     summary.status = "completed" if not failed else "completed_with_failures"
     if failed:
-        logger.warning("%d document(s) or entities failed; the cursor %s", len(failed),
-                       "holds them back" if advance else f"stays at {before.cursor}")
+        _logger().warning("%d document(s) or entities failed; the cursor %s", len(failed),
+                          "holds them back" if advance else f"stays at {before.cursor}")
     state.finish_run(summary.source, status=summary.status, summary=summary.to_dict(),
-                     cursor=final_cursor, advance_cursor=advance, reconciled=reconciled)
+                     cursor=final_cursor, advance_cursor=advance,
+                     reconciled=summary.reconciled)
     if final_cursor is not None:
         _clear_recovered_entities(state, summary.source, failed)
     page_log.finish()
@@ -739,6 +790,7 @@ def _run(pipeline: Pipeline, connector: SourceConnector, summary: SyncSummary, *
         # after a failure would make the next run (same cursor, same request) resume
         # *after* the failed document and never retry it.
         state.clear_checkpoint(summary.source)
+    return summary
 
 
 def _clear_recovered_entities(state, source: str, failed: list[DocumentIssue]) -> None:

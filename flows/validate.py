@@ -61,7 +61,6 @@ from connectors.llm import (
     LLMError,
     LLMRequestError,
     LLMUnavailable,
-    message_tokens,
 )
 from flows.ask import answer_prompt
 from flows.retrieve import RetrievedChunk, open_store, retrieve
@@ -69,6 +68,8 @@ from flows.settings import ConfigError, Settings, load_settings
 from transforms.answering import Passage, format_contexts, question_language
 from transforms.evaluation import (
     ChunkRef,
+    Metrics,
+    ThresholdCheck,
     aggregate,
     check_thresholds,
     chunk_body,
@@ -76,11 +77,14 @@ from transforms.evaluation import (
     describe_failures,
     faithfulness,
     first_rank,
-    metric_name,
+    md_escape,
+    results_markdown,
     sampling_order,
     stratified_take,
+    thresholds_markdown,
     why_not_informative,
 )
+from transforms.replies import message_tokens
 
 log = logging.getLogger(__name__)
 
@@ -448,7 +452,7 @@ def _llm_section(run: Run, endpoint_label: str | None) -> dict[str, Any]:
     }
 
 
-def _by_source(rows: list[dict[str, Any]], k: int) -> dict[str, dict[str, Any]]:
+def _by_source(rows: list[dict[str, Any]], k: int) -> dict[str, Metrics]:
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         groups[row.get("source") or "?"].append(row)
@@ -471,16 +475,16 @@ def build_report(run: Run, *, started: datetime, samples: list[dict[str, Any]],
                 [{"question": r["question"], "doc_rank": r.get("mode_ranks", {}).get(mode)}
                  for r in golden], k)
             thresholds[f"golden {mode}"] = thresholds["golden"]
-    rows = []
+    rows: list[ThresholdCheck] = []
     for label, m in metrics.items():
         if m:
             rows += check_thresholds(m, thresholds[label], label)
     standin = settings.llm.standin and run.llm_ok
     if standin:
-        for row in rows:
-            # answers, and questions the model wrote, measure the stand-in, not the index
-            row["verdict"] = row["set"] != "sample" and row["metric"] not in ANSWER_METRICS
-    verdict_rows = [r for r in rows if r.get("verdict", True)]
+        # answers, and questions the model wrote, measure the stand-in, not the index
+        rows = [r.model_copy(update={"verdict": r.set != "sample"
+                                     and r.metric not in ANSWER_METRICS}) for r in rows]
+    verdict_rows = [r for r in rows if r.verdict]
     reason = describe_failures(verdict_rows, k)
     answers_checked = run.llm_ok and settings.validation.check_answers and any(
         r.get("judged") for r in samples + golden)
@@ -496,7 +500,7 @@ def build_report(run: Run, *, started: datetime, samples: list[dict[str, Any]],
         notes.append("answers were not checked (validation.check_answers is false): "
                      "questions and retrieval only")
     if standin:
-        missed = describe_failures([r for r in rows if not r["verdict"]], k)
+        missed = describe_failures([r for r in rows if not r.verdict], k)
         notes.insert(0, f"NOT A VERDICT: {_llm_label(run)} is a stand-in model (llm.standin): "
                         "the sampled questions it wrote and the answers it gave are "
                         "reported but do not decide the result; only the golden set's "
@@ -540,9 +544,9 @@ def build_report(run: Run, *, started: datetime, samples: list[dict[str, Any]],
             "embedding_model": settings.embedding.model,
         },
         "llm": _llm_section(run, endpoint_label),
-        "metrics": metrics,
-        "by_source": _by_source(samples, k),
-        "thresholds": rows,
+        "metrics": {label: m.model_dump() if m else None for label, m in metrics.items()},
+        "by_source": {s: m.model_dump() for s, m in _by_source(samples, k).items()},
+        "thresholds": [r.model_dump() for r in rows],
         "samples": samples,
         "golden": golden,
     }
@@ -557,26 +561,16 @@ def _llm_label(run: Run) -> str:
     return active.label if active else run.llm.config.endpoints[0].label
 
 
-def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def _md_escape(text: Any) -> str:
-    return str(text or "").replace("|", "\\|").replace("\n", " ")
-
-
 def report_markdown(report: dict[str, Any]) -> str:
-    """The markdown artifact: status, reason, thresholds, model, per-source breakdown."""
+    """The markdown artifact: status, reason, thresholds, model, per-source breakdown
+    (the tables by :func:`transforms.evaluation.thresholds_markdown` and
+    :func:`~transforms.evaluation.results_markdown`)."""
     k = report["run"]["top_k"]
     title = {"passed": "PASSED", "failed": "FAILED", "unchecked": "NOT CHECKED"}[report["status"]]
     llm = report["llm"]
-    lines = [f"# kbsync validation: {title}", "", f"**{_md_escape(report['reason'])}**", ""]
+    lines = [f"# kbsync validation: {title}", "", f"**{md_escape(report['reason'])}**", ""]
     for note in report["notes"]:
-        lines.append(f"- {_md_escape(note)}")
+        lines.append(f"- {md_escape(note)}")
     if report["notes"]:
         lines.append("")
     run = report["run"]
@@ -588,36 +582,16 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- sample: {run['sample_size']} chunks requested, seed {run['seed']}, top-k {k}, "
         f"retrieval `{run['retrieval_mode']}`, collection `{run['collection']}`",
         "- seconds: " + ", ".join(f"{s} {v:.1f}" for s, v in run["seconds"].items()),
-        "",
-        "## Thresholds", "",
-        "| set | metric | value | threshold | result |", "|---|---|---|---|---|",
+        "", "## Thresholds", "",
     ]
-    for row in report["thresholds"]:
-        result = "pass" if row["passed"] else "FAIL"
-        if not row.get("verdict", True):
-            result = f"{result.lower()} (not a verdict: stand-in model)"
-        lines.append(f"| {row['set']} | {metric_name(row['metric'], k)} | {_fmt(row['value'])} | "
-                     f"{row['op']} {row['threshold']:g} | {result} |")
-    if not report["thresholds"]:
-        lines.append("| – | nothing measured | | | |")
-    header = (f"| {{first}} | questions | chunk hit@{k} | chunk MRR | doc hit@{k} | doc MRR | "
-              "faithfulness | correctness | judge failures |")
-    rule = "|---|---|---|---|---|---|---|---|---|"
-
-    def metric_row(name: str, m: dict[str, Any]) -> str:
-        return (f"| {_md_escape(name)} | {m['questions']} | {_fmt(m['chunk_hit_rate'])} | "
-                f"{_fmt(m['chunk_mrr'])} | {_fmt(m['doc_hit_rate'])} | {_fmt(m['doc_mrr'])} | "
-                f"{_fmt(m['faithfulness'])} | {_fmt(m['correctness'])} | "
-                f"{m['judge_failures']} |")
-
-    lines += ["", "## Results", "", header.format(first="set"), rule]
-    for label, m in report["metrics"].items():
-        if m:
-            lines.append(metric_row(label, m))
+    lines += thresholds_markdown([ThresholdCheck(**r) for r in report["thresholds"]], k)
+    lines += ["", "## Results", ""]
+    lines += results_markdown([(label, Metrics(**m)) for label, m in report["metrics"].items()
+                               if m], k, first="set")
     if report["by_source"]:
-        lines += ["", "## Per source (sampled chunks)", "", header.format(first="source"), rule]
-        for source, m in report["by_source"].items():
-            lines.append(metric_row(source, m))
+        lines += ["", "## Per source (sampled chunks)", ""]
+        lines += results_markdown([(s, Metrics(**m)) for s, m in report["by_source"].items()],
+                                  k, first="source")
     calls = llm["calls"]
     if calls.get("calls"):
         lines += ["", "## LLM calls", "",
@@ -726,7 +700,7 @@ def run_validation(settings: Settings, *, sample_size: int | None = None,
     seed = seed if seed is not None else v.seed if v.seed is not None else secrets.randbelow(
         2**31)
     run = Run(settings=settings, seed=seed, sample_size=n,
-              llm=llm or LLMClient(settings.llm.config()))
+              llm=llm or LLMClient(settings.llm_config()))
     golden_items = load_golden_set(v.golden_set) if v.golden_set else []
     endpoint_label: str | None = None
     try:
@@ -773,7 +747,7 @@ def run_validation(settings: Settings, *, sample_size: int | None = None,
         run.llm.close()
     path = write_report(settings, report)
     report["report_path"] = str(path)
-    _publish(report, settings.llm.config().secrets)
+    _publish(report, settings.llm_config().secrets)
     logger.info("validation %s: %s (report %s)", report["status"], report["reason"], path)
     return report
 

@@ -175,7 +175,7 @@ def llm_server(tmp_path_factory):
     """
     from importlib.util import find_spec
 
-    from connectors.llm import StandinServer
+    from connectors.llm_server import StandinServer
 
     if find_spec("llama_cpp") is None:
         if os.environ.get("KBSYNC_REQUIRE_LLM") == "1":

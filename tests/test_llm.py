@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, model_validator
 
+from connectors.http import RetryPolicy
 from connectors.llm import (
     Endpoint,
     InvalidJSONReply,
@@ -162,7 +163,7 @@ def black_hole():
 
 
 def config(*endpoints: Endpoint, **kw) -> LLMConfig:
-    base = {"timeout_seconds": 600.0, "retries": 1, "backoff_seconds": 0.1,
+    base = {"timeout_seconds": 600.0, "http": RetryPolicy(max_retries=1, backoff_seconds=0.1),
             "max_context_tokens": 2048, "max_reply_tokens": 256}
     return LLMConfig(endpoints=endpoints, **{**base, **kw})
 
@@ -185,7 +186,8 @@ def test_server_down_gives_a_clear_message_without_secrets():
 
 def test_timeout_is_retried_then_the_endpoint_is_given_up(black_hole):
     endpoint = Endpoint(f"http://127.0.0.1:{black_hole.port}/v1", "deepseek-r1:7b")
-    client = LLMClient(config(endpoint, timeout_seconds=0.5, retries=1))
+    client = LLMClient(config(endpoint, timeout_seconds=0.5,
+                              http=RetryPolicy(max_retries=1, backoff_seconds=0.1)))
     client._checked.add(endpoint)  # skip the model listing: time the chat call itself
     start = time.perf_counter()
     with pytest.raises(LLMUnavailable, match=r"timed out after 0.5 s \(2 attempts\)"):

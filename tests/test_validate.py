@@ -41,13 +41,17 @@ from tests.conftest import Repo
 from tests.validation_corpus import GOLDEN, HANDBOOK
 from transforms.evaluation import (
     ChunkRef,
+    Metrics,
+    ThresholdCheck,
     aggregate,
     allocate,
     check_thresholds,
     citations,
     describe_failures,
+    results_markdown,
     sampling_order,
     stratified_take,
+    thresholds_markdown,
     why_not_informative,
 )
 
@@ -125,6 +129,25 @@ def test_aggregate_counts_failed_checks_as_failures_and_thresholds_name_them():
     reason = describe_failures(checks, 5)
     assert reason.startswith("thresholds missed: sample faithfulness 0.50 (needs >= 0.8)")
     assert citations("Kept 35 days [1][3], see [9] and [1].", 3) == [1, 3]
+
+
+def test_results_are_typed_rows_with_one_renderer_per_medium():
+    m = aggregate([{"question": "q1", "chunk_rank": 1, "doc_rank": 2, "llm_used": True,
+                    "judged": True, "faithfulness": 0.5, "correctness": 4}], k=5)
+    assert isinstance(m, Metrics) and Metrics.model_validate_json(m.model_dump_json()) == m
+    [check] = check_thresholds(m, {"min_doc_mrr": 0.8}, "sample | x")
+    assert isinstance(check, ThresholdCheck) and not check.passed and check.value == 0.5
+    with pytest.raises(KeyError):
+        m["no_such_measure"]
+    table = results_markdown([("docs", m)], 5, first="source")
+    assert table[0].startswith("| source | questions | chunk hit@5 |")
+    assert table[2] == "| docs | 1 | 1.00 | 1.00 | 1.00 | 0.50 | 0.50 | 4.00 | 0 |"
+    [_, _, row] = thresholds_markdown([check], 5)
+    assert row == "| sample \\| x | document MRR | 0.50 | >= 0.8 | FAIL |"
+    stand_in = check.model_copy(update={"verdict": False})
+    assert thresholds_markdown([stand_in], 5)[2].endswith(
+        "| fail (not a verdict: stand-in model) |")
+    assert thresholds_markdown([], 5)[2].startswith("| – | nothing measured |")
 
 
 def test_golden_set_file_errors_name_the_item(tmp_path):

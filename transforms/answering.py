@@ -81,7 +81,7 @@ class ThinkFilter:
     has been seen or the stream has ended: servers that put the opening ``<think>`` in
     the prompt template (DeepSeek-R1's newer template) stream reasoning with only a
     closing tag, and it must not reach the screen. The text shown over a whole stream
-    equals :func:`connectors.llm.strip_think` of the whole reply, up to surrounding
+    equals :func:`transforms.replies.strip_think` of the whole reply, up to surrounding
     whitespace.
     """
 

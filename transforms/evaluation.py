@@ -24,7 +24,9 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
 
 # ----------------------------------------------------------------------------- sampling
 
@@ -220,7 +222,44 @@ def mean(values: Iterable[float | None]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def aggregate(results: Sequence[Mapping[str, Any]], k: int) -> dict[str, Any]:
+class _Row(BaseModel):
+    """A typed row of the report. ``row["key"]`` reads a field as the JSON report's
+    dicts are read (``report["metrics"]["sample"]["doc_hit_rate"]``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in type(self).model_fields:
+            raise KeyError(key)
+        return getattr(self, key)
+
+
+class Metrics(_Row):
+    """The measures of one set of questions (a set, a source): :func:`aggregate`'s result.
+
+    Attributes:
+        questions: items with a question (retrieval measured); ``items``: all items.
+        chunk_hit_rate, chunk_mrr, doc_hit_rate, doc_mrr: 0..1 at k (None: no chunk to
+            find, e.g. golden questions, or nothing asked).
+        judged: answers checked; judge_failures / judge_failure_rate: items with an
+            unusable LLM reply (rate over the items the LLM was asked about).
+        faithfulness: 0..1; correctness: 1..5 (None: not measured).
+    """
+
+    questions: int
+    items: int
+    chunk_hit_rate: float | None = None
+    chunk_mrr: float | None = None
+    doc_hit_rate: float | None = None
+    doc_mrr: float | None = None
+    judged: int = 0
+    judge_failures: int = 0
+    judge_failure_rate: float | None = None
+    faithfulness: float | None = None
+    correctness: float | None = None
+
+
+def aggregate(results: Sequence[Mapping[str, Any]], k: int) -> Metrics:
     """Metrics over per-question results (dicts as written in the report).
 
     Each result may have ``chunk_rank``, ``doc_rank`` (None = not in the top k),
@@ -231,7 +270,7 @@ def aggregate(results: Sequence[Mapping[str, Any]], k: int) -> dict[str, Any]:
     ``judge_failed`` (some reply of the LLM for it was unusable).
 
     A failed check counts as faithfulness 0 and correctness 1 (the lowest grade): an
-    answer whose check failed is never counted as a pass.
+    answer whose check failed is never counted as a pass. Floats are rounded to 4 digits.
     """
     asked = [r for r in results if r.get("question")]
     out: dict[str, Any] = {"questions": len(asked), "items": len(results)}
@@ -251,7 +290,7 @@ def aggregate(results: Sequence[Mapping[str, Any]], k: int) -> dict[str, Any]:
     out["faithfulness"] = mean(faith) if faith else None
     graded = [r for r in judged if r.get("has_reference", True)]
     out["correctness"] = mean([r.get("correctness") or 1.0 for r in graded]) if graded else None
-    return {key: round(v, 4) if isinstance(v, float) else v for key, v in out.items()}
+    return Metrics(**{key: round(v, 4) if isinstance(v, float) else v for key, v in out.items()})
 
 
 #: ``(metric in aggregate(), threshold field, direction)``
@@ -265,18 +304,39 @@ THRESHOLD_CHECKS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def check_thresholds(metrics: Mapping[str, Any], thresholds: Mapping[str, float | None],
-                     label: str) -> list[dict[str, Any]]:
-    """One row per threshold that applies (set and measured): ``{set, metric, value,
-    op, threshold, passed}``. A metric that was not measured is not checked."""
+class ThresholdCheck(_Row):
+    """One threshold checked against one set's measure.
+
+    Attributes:
+        set: ``sample``, ``golden`` or ``golden <mode>``.
+        metric: a :class:`Metrics` field; value: its measure; op: ``>=`` or ``<=``;
+        threshold: the configured limit; passed: whether the value meets it.
+        verdict: whether it decides the result (False: measured with a stand-in model,
+            reported only).
+    """
+
+    set: str
+    metric: str
+    value: float
+    op: Literal[">=", "<="]
+    threshold: float
+    passed: bool
+    verdict: bool = True
+
+
+def check_thresholds(metrics: Metrics | Mapping[str, Any],
+                     thresholds: Mapping[str, float | None],
+                     label: str) -> list[ThresholdCheck]:
+    """One check per threshold that applies (set and measured). A metric that was not
+    measured is not checked."""
     rows = []
     for metric, field, op in THRESHOLD_CHECKS:
-        limit, value = thresholds.get(field), metrics.get(metric)
+        limit, value = thresholds.get(field), metrics[metric]
         if limit is None or value is None:
             continue
         passed = value >= limit if op == ">=" else value <= limit
-        rows.append({"set": label, "metric": metric, "value": value, "op": op,
-                     "threshold": limit, "passed": passed})
+        rows.append(ThresholdCheck(set=label, metric=metric, value=value, op=op,
+                                   threshold=limit, passed=passed))
     return rows
 
 
@@ -289,11 +349,71 @@ def metric_name(metric: str, k: int) -> str:
     return names.get(metric, metric.replace("_", " "))
 
 
-def describe_failures(rows: Sequence[Mapping[str, Any]], k: int) -> str:
+def describe_failures(rows: Sequence[ThresholdCheck], k: int) -> str:
     """A one-line reason listing the missed thresholds."""
-    parts = [f"{r['set']} {metric_name(r['metric'], k)} {r['value']:.2f} "
-             f"(needs {r['op']} {r['threshold']:g})" for r in rows if not r["passed"]]
+    parts = [f"{r.set} {metric_name(r.metric, k)} {r.value:.2f} "
+             f"(needs {r.op} {r.threshold:g})" for r in rows if not r.passed]
     return "thresholds missed: " + "; ".join(parts) if parts else ""
+
+
+# ------------------------------------------------------------------ rendering
+# One renderer per medium: JSON is ``model_dump()`` (the report file, the history, the
+# flow's return value); Markdown (the Prefect artifact) and the terminal (the CLI's rich
+# table) both lay out :data:`RESULT_COLUMNS`, so a column is declared once.
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    """A measure as shown: ``–`` for not measured, floats to ``digits`` places."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def result_columns(k: int, short: bool = False) -> list[tuple[str, str]]:
+    """``(heading, Metrics field)`` of a results table at ``k``; ``short``: the narrow
+    headings of the terminal."""
+    columns = [("questions", "n", "questions"),
+               (f"chunk hit@{k}", "chunk hit", "chunk_hit_rate"),
+               ("chunk MRR", "chunk MRR", "chunk_mrr"),
+               (f"doc hit@{k}", "doc hit", "doc_hit_rate"), ("doc MRR", "doc MRR", "doc_mrr"),
+               ("faithfulness", "faith", "faithfulness"),
+               ("correctness", "correct", "correctness"),
+               ("judge failures", "judge fail", "judge_failures")]
+    return [(narrow if short else wide, field) for wide, narrow, field in columns]
+
+
+def result_cells(metrics: Metrics, k: int) -> list[str]:
+    """The cells of one results row, in :func:`result_columns` order."""
+    return [fmt(metrics[field]) for _, field in result_columns(k)]
+
+
+def md_escape(text: Any) -> str:
+    """``text`` safe in a Markdown table cell (``|`` escaped, one line)."""
+    return str(text or "").replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(headings: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headings) + " |", "|" + "---|" * len(headings)]
+    return lines + ["| " + " | ".join(md_escape(c) for c in row) + " |" for row in rows]
+
+
+def results_markdown(rows: Sequence[tuple[str, Metrics]], k: int, first: str) -> list[str]:
+    """A Markdown results table, one row per ``(label, metrics)``."""
+    return _md_table([first] + [h for h, _ in result_columns(k)],
+                     ([label] + result_cells(m, k) for label, m in rows))
+
+
+def thresholds_markdown(checks: Sequence[ThresholdCheck], k: int) -> list[str]:
+    """A Markdown table of the threshold checks (stand-in rows marked as no verdict)."""
+    def result(c: ThresholdCheck) -> str:
+        word = "pass" if c.passed else "FAIL"
+        return word if c.verdict else f"{word.lower()} (not a verdict: stand-in model)"
+
+    rows = [[c.set, metric_name(c.metric, k), fmt(c.value), f"{c.op} {c.threshold:g}",
+             result(c)] for c in checks] or [["–", "nothing measured", "", "", ""]]
+    return _md_table(["set", "metric", "value", "threshold", "result"], rows)
 
 
 def is_finite(value: Any) -> bool:

@@ -1,0 +1,144 @@
+"""The sync algorithm without Prefect: :func:`flows.sync.index_source` against a real git
+repository, Chroma's in-memory ``EphemeralClient`` and a SQLite state store in a temp
+dir, with the plain fetch and reconcile steps (no flow, no task, no Prefect server).
+
+The flow-level behaviour (retries, leases, artifacts, the CLI) is in test_sync.py.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import chromadb
+import pytest
+
+from connectors.chroma import ChromaStore
+from flows.sync import Pipeline, SyncSummary, index_source, read_page
+from tests.conftest import long_markdown
+from tests.test_sync import FailOneDocument
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """No Prefect server for this module (overrides the conftest's session fixture)."""
+    yield
+
+
+@pytest.fixture(scope="module")
+def chroma_client():
+    return chromadb.EphemeralClient()
+
+
+@pytest.fixture
+def index(make_settings, embedder, chroma_client):
+    """``index(repo, connector=None, **kwargs)`` -> the summary of one plain sync of
+    ``repo`` as source ``src0``; ``index.store`` is the in-memory collection (one per
+    test) and ``index.state`` the state store."""
+    collection = f"t-{uuid.uuid4().hex[:12]}"  # EphemeralClients share one system
+    opened: list[Pipeline] = []
+
+    def run(repo, connector=None, **kwargs) -> SyncSummary:
+        settings = make_settings(repo, sync={"reconcile_every": 0})
+        pipeline = Pipeline(settings, embedder=embedder, store=ChromaStore(
+            client=chroma_client, collection=collection))
+        opened.append(pipeline)
+        run.store, run.state = pipeline.store, pipeline.state
+        connector = connector or settings.source("src0").build(settings)
+        kwargs.setdefault("fetch", read_page)
+        return index_source(pipeline, connector, SyncSummary(source="src0"), **kwargs)
+
+    yield run
+    for pipeline in opened:
+        pipeline.close()
+
+
+def chunks_by_doc(store: ChromaStore) -> dict[str, set[str]]:
+    res = store.collection().get(include=["metadatas"])
+    out: dict[str, set[str]] = {}
+    for cid, meta in zip(res["ids"], res["metadatas"], strict=True):
+        out.setdefault(meta["doc_id"], set()).add(cid)
+    return out
+
+
+def test_full_sync_indexes_every_document_then_a_noop_embeds_nothing(make_repo, index):
+    repo = make_repo({"guide.md": long_markdown(sections=2), "app.py": "def main():\n"
+                      "    return 42\n", "notes.txt": "plain notes about backups\n"})
+    first = index(repo)
+    held = chunks_by_doc(index.store)
+    assert set(held) == {"src0:guide.md", "src0:app.py", "src0:notes.txt"}
+    assert first.status == "completed" and first.documents_added == 3
+    assert first.chunks_embedded == sum(len(ids) for ids in held.values())
+    assert first.cursor_advanced and index.state.get("src0").cursor == {"commit": repo.head}
+
+    again = index(repo, full=True)  # re-reads everything: every document is unchanged
+    assert again.documents_unchanged == 3 and again.chunks_embedded == 0
+    assert again.documents_added == again.documents_updated == again.documents_deleted == 0
+    assert chunks_by_doc(index.store) == held
+
+
+def test_an_edit_re_embeds_only_the_changed_chunks(make_repo, index):
+    repo = make_repo({"guide.md": long_markdown(sections=4)})
+    index(repo)
+    before = chunks_by_doc(index.store)["src0:guide.md"]
+    edited = long_markdown(sections=4).replace("Paragraph 1 about caching in section 3.",
+                                               "Paragraph 1 about caching, rewritten.")
+    repo.commit({"guide.md": edited})
+
+    result = index(repo)
+    after = chunks_by_doc(index.store)["src0:guide.md"]
+    assert result.documents_updated == 1
+    assert 0 < result.chunks_embedded == len(after - before) < len(after)
+    assert result.chunks_deleted == len(before - after)
+    assert result.chunks_reused == len(after & before)
+
+
+def test_a_deleted_document_leaves_the_index(make_repo, index):
+    repo = make_repo({"a.md": "# A\n\nalpha text\n", "b.md": "# B\n\nbravo text\n"})
+    index(repo)
+    repo.commit(remove=["b.md"])
+
+    result = index(repo)
+    assert result.documents_deleted == 1 and result.chunks_deleted >= 1
+    assert set(chunks_by_doc(index.store)) == {"src0:a.md"}
+    assert index.state.get("src0").cursor == {"commit": repo.head}
+
+
+def test_a_failing_document_holds_the_cursor(make_repo, make_settings, index):
+    repo = make_repo({"a.md": "# A\n\nalpha text\n"})
+    index(repo)
+    old_cursor = index.state.get("src0").cursor
+    repo.commit({"b.md": "# B\n\nbravo text\n", "c.md": "# C\n\ncharlie text\n"})
+
+    settings = make_settings(repo)
+    flaky = FailOneDocument(settings.source("src0").build(settings), "src0:b.md")
+    held = index(repo, connector=flaky)
+    assert held.status == "completed_with_failures" and held.documents_failed == 1
+    assert not held.cursor_advanced and index.state.get("src0").cursor == old_cursor
+    assert set(chunks_by_doc(index.store)) == {"src0:a.md", "src0:c.md"}
+
+    healed = index(repo)  # the same request again: b.md is read, nothing else re-embedded
+    assert healed.status == "completed" and healed.documents_added == 1
+    assert set(chunks_by_doc(index.store)) == {"src0:a.md", "src0:b.md", "src0:c.md"}
+    assert index.state.get("src0").cursor == {"commit": repo.head}
+    assert index.state.issues("src0") == []
+
+
+def test_a_fetch_step_that_fails_writes_what_was_read_and_keeps_the_cursor(make_repo, index):
+    repo = make_repo({"a.md": "# A\n\nalpha text\n"})
+    index(repo)
+    old_cursor = index.state.get("src0").cursor
+    repo.commit({"b.md": "# B\n\nbravo text\n"})
+    calls = []
+
+    def fetch_once(reader):
+        calls.append(1)
+        if len(calls) > 1:
+            raise ConnectionError("the source went away")
+        page = read_page(reader)
+        page.cursor = None  # more pages would follow
+        return page
+
+    with pytest.raises(ConnectionError):
+        index(repo, fetch=fetch_once)
+    assert set(chunks_by_doc(index.store)) == {"src0:a.md", "src0:b.md"}  # salvaged
+    assert index.state.get("src0").cursor == old_cursor
