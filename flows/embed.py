@@ -158,16 +158,21 @@ def open_collection(settings: Settings, model_name: str,
     return store
 
 
-def open_lexical(settings: Settings, store: ChromaStore) -> LexicalBackend | None:
+def open_lexical(settings: Settings,
+                 store: ChromaStore | Callable[[], ChromaStore]) -> LexicalBackend | None:
     """The lexical index (``lexical.url``'s PostgreSQL, else the SQLite file), or None
-    when disabled. Rebuilt from Chroma first when it is
-    missing or stale (another analyzer version, or empty while Chroma is not)."""
+    when disabled. Rebuilt from Chroma first when it is missing or stale (another
+    analyzer version, or empty while Chroma is not). ``store`` may be a callable that
+    opens the collection: it is called only when the index is stale or empty, so a
+    healthy index is opened without importing chromadb."""
     if not settings.lexical.enabled:
         return None
     lexical = open_index(settings.lexical_location)
-    if not lexical.current or (lexical.count() == 0 and store.count() > 0):
-        log.warning("rebuilding the lexical index %s from Chroma", lexical.path)
-        rebuild_lexical(store, lexical)
+    if not lexical.current or lexical.count() == 0:
+        chroma = store() if callable(store) else store
+        if not lexical.current or chroma.count() > 0:
+            log.warning("rebuilding the lexical index %s from Chroma", lexical.path)
+            rebuild_lexical(chroma, lexical)
     return lexical
 
 

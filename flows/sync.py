@@ -187,7 +187,7 @@ class Pipeline:
         """The lexical index, or None when disabled. Rebuilt from Chroma first when it is
         missing or stale (another analyzer version, or empty while Chroma is not)."""
         if self._lexical is None:
-            self._lexical = open_lexical(self.settings, self.store)
+            self._lexical = open_lexical(self.settings, lambda: self.store)
         return self._lexical
 
     def apply(self, batch: ChunkBatch,
@@ -762,6 +762,7 @@ def index_source(pipeline: Pipeline, connector: SourceConnector, summary: SyncSu
         writer.drain()
     finally:
         writer.close()
+    pipeline.lexical  # noqa: B018 - a lost or stale lexical index is rebuilt even by a no-op
     failed = writer.failed
     summary.embed_batches = writer.batches
     summary.documents_failed = len(failed)
