@@ -225,6 +225,9 @@ def sync(
     repo: Annotated[str | None, typer.Option("--repo", help="sync this git repository (path or "
                                              "clone URL) instead of the configured sources")] = None,
     name: Annotated[str | None, typer.Option("--name", help="source name for --repo")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        "--exclude", help="with --repo: leave out paths matching this glob (gitignore "
+                          "style, repeatable: --exclude 'tests/**')")] = None,
     validate: Annotated[bool, typer.Option(
         "--validate", help="run the validation flow after syncing several sources "
                            "(scheduled sync-all runs do when validation.after_sync)")] = False,
@@ -232,7 +235,10 @@ def sync(
     """Incremental sync of the configured sources (or the ones named)."""
     extra: dict[str, Any] = {}
     if repo:
-        extra["sources"] = [{"type": "git", "name": name or _repo_source_name(repo), "url": repo}]
+        extra["sources"] = [{"type": "git", "name": name or _repo_source_name(repo), "url": repo,
+                             "exclude": list(exclude or [])}]
+    elif exclude:
+        raise _fail("--exclude goes with --repo (configured sources have their own exclude)", 2)
     settings = _settings(**extra)
     names = list(sources or []) or [s.name for s in settings.sources]
     if not names:

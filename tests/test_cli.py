@@ -76,13 +76,17 @@ def test_sync_status_query_and_noop(project):
 
 
 def test_sync_repo_option_without_config(make_repo, tmp_path):
-    repo = make_repo({"notes.md": "# Notes\n\nKeep the release checklist up to date.\n"},
+    repo = make_repo({"notes.md": "# Notes\n\nKeep the release checklist up to date.\n",
+                      "drafts/old.md": "# Old\n\nThe release checklist draft.\n"},
                      name="team-notes")
-    result = invoke("--data-dir", str(tmp_path / "d"), "sync", "--repo", str(repo.path))
+    result = invoke("--data-dir", str(tmp_path / "d"), "sync", "--repo", str(repo.path),
+                    "--exclude", "drafts/**")
     assert result.exit_code == 0, result.output
     assert "team-notes" in result.output
     answer = invoke("--data-dir", str(tmp_path / "d"), "query", "release checklist")
-    assert "notes.md" in answer.output
+    assert "notes.md" in answer.output and "drafts/old.md" not in answer.output
+    lone = invoke("--data-dir", str(tmp_path / "d"), "sync", "--exclude", "drafts/**")
+    assert lone.exit_code == 2 and "--exclude goes with --repo" in lone.output
 
 
 def test_backfill_command(project):
