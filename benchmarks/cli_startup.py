@@ -4,7 +4,10 @@ each run as a fresh process (as a user runs them), against the 3 s target.
 A small git repository is synced once (not measured); then each command runs ``--runs``
 times under ``/usr/bin/time`` (wall, user, sys seconds, peak RSS). The no-op sync is
 measured twice: with Prefect's temporary server (nothing started; the default) and
-against a real local server kept by ``kbsync server start``. ``python -X importtime``
+against a real local server kept by ``kbsync server start``. With ``--infinity`` (the
+default when ``.venv-infinity`` exists) ``kbsync query`` is also timed with
+``embedding.backend: openai`` against a real Infinity server on this machine (issue 11's
+1.5 s target); the local query uses the model's ONNX export (made by the initial sync). ``python -X importtime``
 of one ``kbsync query`` says where its import time goes. The machine's load average is
 recorded: on a shared machine the figures move with it.
 
@@ -42,12 +45,12 @@ def env() -> dict[str, str]:
     return out
 
 
-def timed(cmd: list[str], cwd: Path) -> dict[str, float]:
+def timed(cmd: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> dict[str, float]:
     """One run under /usr/bin/time: wall, user, sys seconds and peak RSS (MiB)."""
     fmt = "KBSYNC_TIME %e %U %S %M"
     start = time.perf_counter()
-    proc = subprocess.run([TIME, "-f", fmt, *cmd], cwd=cwd, env=env(), capture_output=True,
-                          text=True)
+    proc = subprocess.run([TIME, "-f", fmt, *cmd], cwd=cwd, env={**env(), **(extra_env or {})},
+                          capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -58,8 +61,9 @@ def timed(cmd: list[str], cwd: Path) -> dict[str, float]:
             "wall_measured": round(wall, 3)}
 
 
-def series(label: str, cmd: list[str], cwd: Path, runs: int) -> dict[str, object]:
-    results = [timed(cmd, cwd) for _ in range(runs)]
+def series(label: str, cmd: list[str], cwd: Path, runs: int,
+           extra_env: dict[str, str] | None = None) -> dict[str, object]:
+    results = [timed(cmd, cwd, extra_env) for _ in range(runs)]
     walls = [r["wall"] for r in results]
     out = {"command": " ".join(cmd[2:]), "runs": results, "wall_median": statistics.median(walls),
            "wall_max": max(walls), "cpu_median": statistics.median(
@@ -84,6 +88,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--target", type=float, default=3.0, help="seconds of wall time")
+    parser.add_argument("--remote-target", type=float, default=1.5,
+                        help="seconds of wall time of a query with a remote embedder")
+    parser.add_argument("--infinity", default=os.environ.get(
+        "KBSYNC_INFINITY", str(ROOT / ".venv-infinity" / "bin" / "infinity_emb")),
+        help="infinity_emb binary for the remote-embedder query ('' to skip)")
     args = parser.parse_args()
     load_before = os.getloadavg()
 
@@ -103,6 +112,20 @@ def main() -> None:
         timed(kbsync("sync"), work)  # the initial sync: not measured
 
         query = series("query", kbsync("query", QUESTION, "-k", "2"), work, args.runs)
+        remote = None
+        if args.infinity and Path(args.infinity).exists():
+            from remote_embed import free_port, start_infinity
+
+            port = free_port()
+            proc, _ = start_infinity(args.infinity, port, "cpu", work / "infinity.log", 32)
+            try:
+                remote = series("query, remote embedder (Infinity)",
+                                kbsync("query", QUESTION, "-k", "2"), work, args.runs,
+                                {"KBSYNC_EMBEDDING__BACKEND": "openai",
+                                 "KBSYNC_EMBEDDING__BASE_URL": f"http://127.0.0.1:{port}"})
+            finally:
+                os.killpg(proc.pid, 15)
+                proc.wait(timeout=30)
         noop = series("no-op sync (temporary Prefect server)", kbsync("sync"), work, args.runs)
         subprocess.run(kbsync("server", "start"), cwd=work, env=env(), check=True,
                        capture_output=True)
@@ -115,11 +138,16 @@ def main() -> None:
 
     load_after = os.getloadavg()
     rows: list[tuple[str, object]] = [("runs per command", args.runs),
-                                      ("target wall seconds", args.target)]
+                                      ("target wall seconds", args.target),
+                                      ("target wall seconds, remote-embedder query",
+                                       args.remote_target)]
     measured = {"query": query, "noop_sync_temporary_server": noop,
                 "noop_sync_local_server": noop_server}
+    if remote is not None:
+        measured["query_remote_embedder"] = remote
     for key, m in measured.items():
-        verdict = "met" if m["wall_max"] <= args.target else "MISSED"
+        target = args.remote_target if key == "query_remote_embedder" else args.target
+        verdict = "met" if m["wall_max"] <= target else "MISSED"
         rows += [(f"{key}: wall median / max (s)",
                   f"{m['wall_median']:.2f} / {m['wall_max']:.2f} ({verdict})"),
                  (f"{key}: CPU median (s)", f"{m['cpu_median']:.2f}")]
@@ -129,7 +157,8 @@ def main() -> None:
              ("CPU cores", os.cpu_count())]
     print_table("kbsync CLI start-up (fresh process per run)", rows)
     path = write_json("cli_startup", {
-        "target_seconds": args.target, "runs": args.runs, **measured,
+        "target_seconds": args.target, "remote_target_seconds": args.remote_target,
+        "runs": args.runs, **measured,
         "query_imports_seconds": dict(profile), "load_before": load_before,
         "load_after": load_after, "cpu_count": os.cpu_count()})
     print(f"wrote {path}")
