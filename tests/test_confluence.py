@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 from datetime import UTC, datetime, timedelta
 
 import chromadb
@@ -156,12 +157,15 @@ def test_server_auth_styles(httpserver, auth, kwargs):
     fake = FakeConfluence(httpserver, context="/confluence", auth=auth)
     add_pages(fake, 2)
     assert len(docs(read(ConfluenceConnector(options(fake, **kwargs))))) == 2
+    assert len(fake.searches()) == 1
 
     wrong = {k: (v + "-wrong" if k in ("token", "password") else v) for k, v in kwargs.items()}
+    before = len(fake.requests)
     with pytest.raises(ConnectorError, match="authentication failed") as info:
         read(ConfluenceConnector(options(fake, **wrong)))
     assert "4711" not in str(info.value)
-    assert len(fake.searches()) == 2  # the 401 was not retried
+    # the 401 was not retried: the run stopped at its first request, whichever it was
+    assert len(fake.requests) - before == 1
 
 
 def test_429_waits_for_retry_after_capped(fake):
@@ -389,8 +393,14 @@ def test_secrets_never_reach_errors_or_logs(fake, caplog):
         # a misbehaving proxy that echoes the request headers in its error page
         return Response(f"upstream error; headers were {dict(request.headers)}", status=500)
 
+    def echo_searches(request):
+        # the space lookup reaches the site; the searches meet the proxy's error page
+        if request.path.startswith("/rest/api/space/"):
+            return fake.handle(request)
+        return echo_auth(request)
+
     fake.server.clear()
-    fake.server.expect_request("/rest/api/content/search").respond_with_handler(echo_auth)
+    fake.server.expect_request(re.compile(r"^/")).respond_with_handler(echo_searches)
     secret_b64 = base64.b64encode(b"svc:s3cr3t-Password").decode()
     connector = ConfluenceConnector(options(fake, username="svc", password="s3cr3t-Password",
                                             page_size=2, min_page_size=2, max_retries=1))
@@ -401,6 +411,20 @@ def test_secrets_never_reach_errors_or_logs(fake, caplog):
     for text in (str(info.value), listing.reason, caplog.text):
         assert "s3cr3t-Password" not in text and secret_b64 not in text
     assert "***" in str(info.value)
+    assert "search failed" in str(info.value) and "search" in listing.reason
+
+    # the proxy echoes the headers on every request, the space lookup's too
+    fake.server.clear()
+    fake.server.expect_request(re.compile(r"^/")).respond_with_handler(echo_auth)
+    connector = ConfluenceConnector(options(fake, username="svc", password="s3cr3t-Password",
+                                            page_size=2, min_page_size=2, max_retries=1))
+    with pytest.raises(TransientSourceError) as info:
+        read(connector)
+    listing = connector.list_ids()
+    for text in (str(info.value), listing.reason, caplog.text):
+        assert "s3cr3t-Password" not in text and secret_b64 not in text
+    assert "***" in str(info.value) and "reading space 'ENG'" in str(info.value)
+    assert "reading space 'ENG'" in listing.reason
 
 
 # ------------------------------------------------------------- real envelopes
