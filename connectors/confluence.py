@@ -22,12 +22,14 @@ the edge so nothing is missed. Results of the overlap whose version is in
 the flow's content hash skips what did not change.
 
 **Several spaces** are read one search each (``space = "KEY" and ...``), each with its
-own watermark: the cursor is ``{"spaces": {KEY: <watermark>}, "version": 1}``. Before
-its search, a space is looked up (``GET rest/api/space/{key}``), because CQL silently
-leaves out the content of a space the account may not view; a space answering 403/404
-there or on its search is a failed entity, its watermark holds and the others move
-(see :meth:`ConfluenceConnector._fetch_spaces`). A single-space cursor records its
-``scope``, so a space added later is read from the beginning.
+own watermark: the cursor is ``{"spaces": {KEY: <watermark>}, "version": 1}``. Every
+configured space, one alone too, is looked up once per run (``GET rest/api/space/{key}``)
+before its search, because CQL silently leaves out the content of a space the account
+may not view (the read would look empty and succeed); a space answering 403/404 there or
+on its search is a failed entity (``<source>:space:<KEY>``) with its reason, its
+watermark holds and the others move (see :meth:`ConfluenceConnector._fetch_spaces`);
+when no configured space can be read the source fails. A single-space cursor records
+its ``scope``, so a space added later is read from the beginning.
 
 Bodies come with the search (``expand=body.storage,...``), so a page costs no request of
 its own; only a result without a body is fetched again by id. Results are paged with the
