@@ -123,6 +123,9 @@ EXPAND = ("body.storage,version,space,ancestors,metadata.labels,history,containe
           "extensions")
 #: CQL's date format (minute precision), in the querying user's time zone.
 CQL_DATE = "%Y-%m-%d %H:%M"
+#: The source error when no configured space can be read (a wrong base_url looks the same).
+NO_SPACE_READABLE = ("no configured space can be read (check the space keys, the account's "
+                     "access and base_url)")
 #: Parameters of the user lookup per mention kind (``GET rest/api/user``).
 USER_PARAM = {"userkey": "key", "account-id": "accountId", "username": "username"}
 
@@ -619,7 +622,7 @@ class ConfluenceConnector:
             reason = str(exc)
         log.warning("confluence source %r: %s", self.name, reason)
         yield Page(issues=[self._entity_failed(space, reason)], checkpoint=last)
-        raise self._error(f"no configured space can be read: {reason}")
+        raise self._error(f"{NO_SPACE_READABLE}: {reason}")
 
     def _fetch_scope(self, request: FetchRequest, checkpoint: Checkpoint | None,
                      space: str | None) -> Iterator[Page]:
@@ -795,7 +798,7 @@ class ConfluenceConnector:
             yield Page(issues=[self._entity_failed(space, reason)], checkpoint=last)
         failed = {key for key, _ in entities}
         if failed and failed >= set(self.spaces):
-            raise self._error("no configured space can be read: " +
+            raise self._error(f"{NO_SPACE_READABLE}: " +
                               "; ".join(reason for _, reason in entities))
         spaces: dict[str, Any] = {}
         for space in self.spaces:

@@ -743,6 +743,7 @@ def test_one_space_that_cannot_be_read_is_reported_not_read_as_empty(fake):
             pages.append(page)
     assert not isinstance(info.value, TransientSourceError)
     assert "No space with key : ENG" in str(info.value)
+    assert "base_url" in str(info.value)  # a wrong site URL answers 404 too
     assert [[(i.doc_id, i.scope, i.kind) for i in p.issues] for p in pages] == \
         [[("wiki:space:ENG", "entity", "failed")]]
     assert "No space with key : ENG" in pages[0].issues[0].reason
