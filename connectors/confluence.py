@@ -22,12 +22,14 @@ the edge so nothing is missed. Results of the overlap whose version is in
 the flow's content hash skips what did not change.
 
 **Several spaces** are read one search each (``space = "KEY" and ...``), each with its
-own watermark: the cursor is ``{"spaces": {KEY: <watermark>}, "version": 1}``. Before
-its search, a space is looked up (``GET rest/api/space/{key}``), because CQL silently
-leaves out the content of a space the account may not view; a space answering 403/404
-there or on its search is a failed entity, its watermark holds and the others move
-(see :meth:`ConfluenceConnector._fetch_spaces`). A single-space cursor records its
-``scope``, so a space added later is read from the beginning.
+own watermark: the cursor is ``{"spaces": {KEY: <watermark>}, "version": 1}``. Every
+configured space, one alone too, is looked up once per run (``GET rest/api/space/{key}``)
+before its search, because CQL silently leaves out the content of a space the account
+may not view (the read would look empty and succeed); a space answering 403/404 there or
+on its search is a failed entity (``<source>:space:<KEY>``) with its reason, its
+watermark holds and the others move (see :meth:`ConfluenceConnector._fetch_spaces`);
+when no configured space can be read the source fails. A single-space cursor records
+its ``scope``, so a space added later is read from the beginning.
 
 Bodies come with the search (``expand=body.storage,...``), so a page costs no request of
 its own; only a result without a body is fetched again by id. Results are paged with the
@@ -121,6 +123,9 @@ EXPAND = ("body.storage,version,space,ancestors,metadata.labels,history,containe
           "extensions")
 #: CQL's date format (minute precision), in the querying user's time zone.
 CQL_DATE = "%Y-%m-%d %H:%M"
+#: The source error when no configured space can be read (a wrong base_url looks the same).
+NO_SPACE_READABLE = ("no configured space can be read (check the space keys, the account's "
+                     "access and base_url)")
 #: Parameters of the user lookup per mention kind (``GET rest/api/user``).
 USER_PARAM = {"userkey": "key", "account-id": "accountId", "username": "username"}
 
@@ -318,6 +323,8 @@ class ConfluenceConnector:
         self._client = client
         self.policy = options.http
         self._users: dict[str, str | None] = {}
+        #: spaces :meth:`_check_space` found readable in this run (reset by :meth:`close`)
+        self._readable: set[str] = set()
         self.stats: dict[str, float] = {
             "requests": 0, "retries": 0, "throttled": 0, "waited_seconds": 0.0,
             "page_size_reductions": 0, "skipped_seen": 0, "pagination_drift": 0,
@@ -353,7 +360,9 @@ class ConfluenceConnector:
         return self._client
 
     def close(self) -> None:
-        """Close the client's HTTP session (a later call builds a new one)."""
+        """Close the client's HTTP session (a later call builds a new one) and forget
+        which spaces were found readable (the next run looks them up again)."""
+        self._readable.clear()
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -562,17 +571,42 @@ class ConfluenceConnector:
         "anchor": <last id read>, "anchor_when"}``; the last page's ``cursor`` is the
         :class:`Watermark` ``{"when", "seen", "version", "scope": [<space>]}``.
 
+        The one space is looked up first, once per run (:meth:`_ensure_space`): CQL
+        would silently leave out the content of a space the account may not view, and
+        the run would read nothing and report success. A space that cannot be read (403/
+        404 on the lookup or on its search) is reported as with several spaces: a page
+        with the failed entity (``<source>:space:<KEY>``, ``scope="entity"``) and its
+        reason, then, as every configured space is unreadable, :class:`ConnectorError`
+        ("no configured space can be read"); the cursor holds.
+
         Several spaces: one search per space, see :meth:`_fetch_spaces`.
         """
         if self.per_space:
             yield from self._fetch_spaces(request, checkpoint)
             return
-        cursor = self._cursor_of(request.cursor, self.spaces[0]) if self.spaces else \
-            request.cursor
-        for page in self._fetch_scope(replace(request, cursor=cursor), checkpoint, None):
-            if page.cursor is not None and self.spaces:
-                page.cursor = {**page.cursor, "scope": self.spaces}
-            yield page
+        if not self.spaces:  # a cql scope: nothing to look up
+            yield from self._fetch_scope(request, checkpoint, None)
+            return
+        space = self.spaces[0]
+        cursor = self._cursor_of(request.cursor, space)
+        last = checkpoint  # what the failure page keeps: nothing read is given up
+        try:
+            self._ensure_space(space)
+            for page in self._fetch_scope(replace(request, cursor=cursor), checkpoint, None):
+                if page.cursor is not None:
+                    page.cursor = {**page.cursor, "scope": self.spaces}
+                last = page.checkpoint
+                yield page
+            return
+        except EntityError as exc:
+            reason = str(exc)
+        except ConnectorError as exc:
+            if not _space_refused(exc):
+                raise
+            reason = str(exc)
+        log.warning("confluence source %r: %s", self.name, reason)
+        yield Page(issues=[self._entity_failed(space, reason)], checkpoint=last)
+        raise self._error(f"{NO_SPACE_READABLE}: {reason}")
 
     def _fetch_scope(self, request: FetchRequest, checkpoint: Checkpoint | None,
                      space: str | None) -> Iterator[Page]:
@@ -672,6 +706,14 @@ class ConfluenceConnector:
                                   f"account may not view it): {exc}", EntityError) from None
             raise self._search_error(exc, f"space {space!r}") from None
 
+    def _ensure_space(self, space: str) -> None:
+        """:meth:`_check_space`, once per run: a space found readable is not looked up
+        again by a retried or resumed fetch of the same connector (:meth:`close` ends
+        the run). Raises what :meth:`_check_space` raises."""
+        if space not in self._readable:
+            self._check_space(space)
+            self._readable.add(space)
+
     def _fetch_spaces(self, request: FetchRequest, checkpoint: Checkpoint | None
                       ) -> Iterator[Page]:
         """Several spaces, one search each, in the configured order.
@@ -687,10 +729,17 @@ class ConfluenceConnector:
         checkpoint, or None once done>, "done": {<key>: <new watermark>}, "entities":
         [[<key>, <reason>]]}``. The last page (possibly empty) carries the cursor and,
         again, the entity failures of runs before the checkpoint, so the run that
-        finishes the read knows them.
+        finishes the read knows them. A checkpoint in which every space failed (the
+        run that saved it failed as a whole) is not resumed: the read starts over, so a
+        space whose access is restored is read instead of its old failure replayed.
+        Each space is looked up once per run (:meth:`_ensure_space`), a resumed one too.
         """
         old = request.cursor if not request.is_backfill else None
         resume = checkpoint if checkpoint and "space" in checkpoint else None
+        if resume and {e[0] for e in resume.get("entities") or []} >= set(self.spaces):
+            # the run that wrote it failed as a whole (no space could be read): resuming
+            # would only replay its failures, so the read starts over
+            resume = None
         done: dict[str, Any] = dict((resume or {}).get("done") or {})
         carried = [tuple(e) for e in (resume or {}).get("entities") or []]
         entities: list[tuple[str, str]] = list(carried)
@@ -709,8 +758,7 @@ class ConfluenceConnector:
             resumed = inner if space == at_space else None
             sub = replace(request, cursor=start)
             try:
-                if resumed is None:
-                    self._check_space(space)
+                self._ensure_space(space)
                 for page in self._fetch_scope(sub, resumed, space):
                     if page.cursor is not None:
                         done[space] = page.cursor
@@ -734,7 +782,7 @@ class ConfluenceConnector:
             yield Page(issues=[self._entity_failed(space, reason)], checkpoint=last)
         failed = {key for key, _ in entities}
         if failed and failed >= set(self.spaces):
-            raise self._error("no configured space can be read: " +
+            raise self._error(f"{NO_SPACE_READABLE}: " +
                               "; ".join(reason for _, reason in entities))
         spaces: dict[str, Any] = {}
         for space in self.spaces:

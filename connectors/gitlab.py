@@ -40,7 +40,8 @@ A project that cannot be read (403/404 on ``GET /projects/:id``), or one part of
 on its issues, a repository whose branch does not exist) is a failed *entity*: a
 :class:`DocumentIssue` with ``scope="entity"`` naming it and why; its cursor stays where
 it was, and the other projects and parts are read and their cursors move. Only a source
-none of whose configured projects can be read fails as a whole.
+none of whose configured projects can be read fails as a whole (after reporting each as a
+failed entity).
 
 Confidential issues are skipped (recorded, and removed from the index if they were in
 it) unless ``include_confidential``; then their metadata has ``confidential=True``. An
@@ -294,8 +295,12 @@ class GitLabConnector:
             found[project.id] = GitLabProject.from_api(project.asdict())
         if self.unreadable and not found and not self.options.group:
             # nothing of the source can be read: a source error (a wrong path, a token
-            # without access), not one entity among others
-            raise ConnectorError("; ".join(self.unreadable.values()))
+            # without access), not one entity among others; fetch reports each as a
+            # failed entity first
+            error = ConnectorError(f"gitlab source {self.name!r}: no configured project "
+                                   "can be read: " + "; ".join(self.unreadable.values()))
+            error.entities = dict(self.unreadable)  # type: ignore[attr-defined]
+            raise error
         if self.options.group:
             with self._api(f"cannot list the projects of group {self.options.group!r}"):
                 group = self.gl.groups.get(self.options.group, lazy=True)
@@ -353,7 +358,9 @@ class GitLabConnector:
         <part index>], "inner": <the part's own resume point, or None once done>}``.
         A project or part that cannot be read (403, 404, a missing branch) is a failed
         entity (a :class:`DocumentIssue` with ``scope="entity"``); its cursor stays where
-        it was and the other projects and parts are read.
+        it was and the other projects and parts are read. When no configured project can
+        be read (and no group is configured), a page with each as a failed entity comes
+        first, then :class:`ConnectorError` ("no configured project can be read").
         """
         old_projects = (request.cursor or {}).get("projects") or {}
         new_cursor: dict[str, dict[str, Any]] = copy.deepcopy(
@@ -374,7 +381,18 @@ class GitLabConnector:
             return {"cursor": copy.deepcopy(new_cursor), "at": list(key), "inner": inner,
                     "entities": [list(e) for e in entities]}
 
-        steps = self._steps()
+        try:
+            steps = self._steps()
+        except ConnectorError as exc:
+            unreadable = getattr(exc, "entities", None)
+            if not unreadable:
+                raise
+            # no configured project can be read: each is a failed entity with its reason
+            # (as when only some cannot), then the source fails; the checkpoint is kept
+            yield Page(issues=[self._entity_failed(ref, reason)
+                               for ref, reason in sorted(unreadable.items())],
+                       checkpoint=checkpoint)
+            raise
         if not resume_at:
             for ref, reason in sorted(self.unreadable.items()):
                 buffer.issues.append(self._entity_failed(ref, reason))

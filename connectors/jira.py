@@ -536,10 +536,17 @@ class JiraConnector:
         The checkpoint is ``{"project": <KEY being read>, "inner": <its search's
         checkpoint, or None once done>, "done": {<KEY>: <new watermark>}, "entities":
         [[<KEY>, <reason>]]}``. The last page (possibly empty) carries the cursor and,
-        again, the entity failures of runs before the checkpoint.
+        again, the entity failures of runs before the checkpoint. A checkpoint in which
+        every project failed (the run that saved it failed as a whole) is not resumed:
+        the read starts over, so a project whose access is restored is read instead of
+        its old failure replayed.
         """
         old = request.cursor if not request.is_backfill else None
         resume = checkpoint if checkpoint and "project" in checkpoint else None
+        if resume and {e[0] for e in resume.get("entities") or []} >= set(self.projects):
+            # the run that wrote it failed as a whole (no project could be read): resuming
+            # would only replay its failures, so the read starts over
+            resume = None
         done: dict[str, Any] = dict((resume or {}).get("done") or {})
         carried = [tuple(e) for e in (resume or {}).get("entities") or []]
         entities: list[tuple[str, str]] = list(carried)

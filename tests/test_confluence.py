@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 from datetime import UTC, datetime, timedelta
 
 import chromadb
@@ -156,12 +157,15 @@ def test_server_auth_styles(httpserver, auth, kwargs):
     fake = FakeConfluence(httpserver, context="/confluence", auth=auth)
     add_pages(fake, 2)
     assert len(docs(read(ConfluenceConnector(options(fake, **kwargs))))) == 2
+    assert len(fake.searches()) == 1
 
     wrong = {k: (v + "-wrong" if k in ("token", "password") else v) for k, v in kwargs.items()}
+    before = len(fake.requests)
     with pytest.raises(ConnectorError, match="authentication failed") as info:
         read(ConfluenceConnector(options(fake, **wrong)))
     assert "4711" not in str(info.value)
-    assert len(fake.searches()) == 2  # the 401 was not retried
+    # the 401 was not retried: the run stopped at its first request, whichever it was
+    assert len(fake.requests) - before == 1
 
 
 def test_429_waits_for_retry_after_capped(fake):
@@ -389,8 +393,14 @@ def test_secrets_never_reach_errors_or_logs(fake, caplog):
         # a misbehaving proxy that echoes the request headers in its error page
         return Response(f"upstream error; headers were {dict(request.headers)}", status=500)
 
+    def echo_searches(request):
+        # the space lookup reaches the site; the searches meet the proxy's error page
+        if request.path.startswith("/rest/api/space/"):
+            return fake.handle(request)
+        return echo_auth(request)
+
     fake.server.clear()
-    fake.server.expect_request("/rest/api/content/search").respond_with_handler(echo_auth)
+    fake.server.expect_request(re.compile(r"^/")).respond_with_handler(echo_searches)
     secret_b64 = base64.b64encode(b"svc:s3cr3t-Password").decode()
     connector = ConfluenceConnector(options(fake, username="svc", password="s3cr3t-Password",
                                             page_size=2, min_page_size=2, max_retries=1))
@@ -401,6 +411,20 @@ def test_secrets_never_reach_errors_or_logs(fake, caplog):
     for text in (str(info.value), listing.reason, caplog.text):
         assert "s3cr3t-Password" not in text and secret_b64 not in text
     assert "***" in str(info.value)
+    assert "search failed" in str(info.value) and "search" in listing.reason
+
+    # the proxy echoes the headers on every request, the space lookup's too
+    fake.server.clear()
+    fake.server.expect_request(re.compile(r"^/")).respond_with_handler(echo_auth)
+    connector = ConfluenceConnector(options(fake, username="svc", password="s3cr3t-Password",
+                                            page_size=2, min_page_size=2, max_retries=1))
+    with pytest.raises(TransientSourceError) as info:
+        read(connector)
+    listing = connector.list_ids()
+    for text in (str(info.value), listing.reason, caplog.text):
+        assert "s3cr3t-Password" not in text and secret_b64 not in text
+    assert "***" in str(info.value) and "reading space 'ENG'" in str(info.value)
+    assert "reading space 'ENG'" in listing.reason
 
 
 # ------------------------------------------------------------- real envelopes
@@ -704,6 +728,135 @@ def test_an_entity_failure_is_reported_again_after_a_resume(fake):
     resumed = read(ConfluenceConnector(opts), checkpoint=pages[1].checkpoint)
     assert [i.doc_id for i in resumed[-1].issues] == ["wiki:space:ENG"]
     assert set(resumed[-1].cursor["spaces"]) == {"OPS"}
+
+
+def test_one_space_that_cannot_be_read_is_reported_not_read_as_empty(fake):
+    """One configured space the account may not view: CQL would leave its content out
+    and the read would look empty; the lookup makes it a failed entity with its reason,
+    and the source fails (no configured space can be read)."""
+    add_pages(fake, 2, "ENG", start=100)
+    fake.hidden_spaces.add("ENG")
+    connector = ConfluenceConnector(options(fake))
+    pages = []
+    with pytest.raises(ConnectorError, match="no configured space can be read") as info:
+        for page in connector.fetch(FetchRequest()):
+            pages.append(page)
+    assert not isinstance(info.value, TransientSourceError)
+    assert "No space with key : ENG" in str(info.value)
+    assert "base_url" in str(info.value)  # a wrong site URL answers 404 too
+    assert [[(i.doc_id, i.scope, i.kind) for i in p.issues] for p in pages] == \
+        [[("wiki:space:ENG", "entity", "failed")]]
+    assert "No space with key : ENG" in pages[0].issues[0].reason
+    assert pages[0].cursor is None and pages[0].checkpoint is None and not pages[0].documents
+    assert fake.searches() == []  # nothing was searched
+    listing = connector.list_ids()
+    assert not listing.complete and "ENG" in listing.reason
+
+    # the space is readable but its search is refused (403): the same failed entity
+    fake.hidden_spaces.clear()
+    fake.fail(403, times=5, body={"statusCode": 403, "message": "Not permitted to search ENG"})
+    pages = []
+    with pytest.raises(ConnectorError, match="no configured space can be read"):
+        for page in ConfluenceConnector(options(fake)).fetch(FetchRequest()):
+            pages.append(page)
+    assert [i.doc_id for p in pages for i in p.issues] == ["wiki:space:ENG"]
+    assert "403" in pages[-1].issues[0].reason and "permission denied" in \
+        pages[-1].issues[0].reason
+
+
+def test_one_space_is_looked_up_once_per_run(fake):
+    add_pages(fake, 5, "ENG", start=100)
+
+    def lookups() -> int:
+        return sum(path == "/rest/api/space/ENG" for path, _ in fake.requests)
+
+    connector = ConfluenceConnector(options(fake, page_size=2))
+    pages = read(connector)
+    assert lookups() == 1 and len(pages) > 2
+    # a fetch retried from a checkpoint in the same run does not look the space up again
+    read(connector, checkpoint=pages[0].checkpoint)
+    assert lookups() == 1
+    connector.close()  # the run ends; the next one looks it up again
+    read(connector, FetchRequest(cursor=pages[-1].cursor))
+    assert lookups() == 2
+    # a new run resuming a checkpoint looks it up: access may have changed meanwhile
+    fake.hidden_spaces.add("ENG")
+    with pytest.raises(ConnectorError, match="no configured space can be read"):
+        read(ConfluenceConnector(options(fake, page_size=2)), checkpoint=pages[0].checkpoint)
+    assert lookups() == 3
+
+
+def test_a_checkpoint_in_which_every_space_failed_is_not_replayed(fake):
+    """A run that found no space readable failed as a whole; once access is restored,
+    the next run reads the spaces instead of resuming the failures it saved."""
+    add_pages(fake, 2, "ENG", start=100)
+    add_pages(fake, 2, "OPS", start=200)
+    fake.hidden_spaces.update({"ENG", "OPS"})
+    opts = options(fake, spaces=["ENG", "OPS"])
+    pages = []
+    with pytest.raises(ConnectorError, match="no configured space can be read"):
+        for page in ConfluenceConnector(opts).fetch(FetchRequest()):
+            pages.append(page)
+    assert [i.doc_id for p in pages for i in p.issues] == ["wiki:space:ENG", "wiki:space:OPS"]
+    saved = pages[-1].checkpoint  # what the flow keeps of the failed run
+
+    fake.hidden_spaces.clear()
+    again = read(ConfluenceConnector(opts), checkpoint=saved)
+    assert set(docs(again)) == {"wiki:100", "wiki:101", "wiki:200", "wiki:201"}
+    assert [i for p in again for i in p.issues] == []
+    assert set(again[-1].cursor["spaces"]) == {"ENG", "OPS"}
+
+
+def test_flow_one_space_that_cannot_be_read_is_a_failed_entity_and_nothing_moves(
+        tmp_path, fake):
+    """One configured space: while the space answers 403 (and later, while it is hidden,
+    404 with its content left out of CQL) the run reports the failed entity with its
+    reason and fails, the cursor holds and nothing is deleted; with access restored the
+    next run indexes what changed meanwhile."""
+    fake.add("10", "Runbook", body="<p>Restart the broker before rotating the keys.</p>")
+    settings = flow_settings(tmp_path, fake)
+    store = StateStore(settings.resolved_state_url)
+    first = sync(settings)
+    assert first["status"] == "completed" and set(chunks_by_doc(settings)) == {"wiki:10"}
+    cursor = store.get("wiki").cursor
+    indexed = chunks_by_doc(settings)
+
+    fake.edit("10", body="<p>Restart the broker twice before rotating the keys.</p>",
+              when=EPOCH + timedelta(hours=2))
+    fake.add("11", "Checklist", body="<p>Rotate the keys every week.</p>",
+             when=EPOCH + timedelta(hours=3))
+    fake.fail(403, times=100, path="/rest/api/space/ENG",
+              body={"statusCode": 403, "message": "User is not permitted to view space ENG"})
+    with pytest.raises(ConnectorError, match="no configured space can be read") as info:
+        sync(settings)
+    assert "not permitted to view space ENG" in str(info.value)
+    state = store.get("wiki")
+    assert state.last_status == "failed" and "ENG" in state.last_summary["error"]
+    failures = {i.doc_id: i for i in store.issues("wiki", kind="failed")}
+    assert list(failures) == ["wiki:space:ENG"]
+    assert "403" in failures["wiki:space:ENG"].reason
+    assert "not permitted to view space ENG" in failures["wiki:space:ENG"].reason
+    assert state.cursor == cursor  # the cursor holds ...
+    assert chunks_by_doc(settings) == indexed  # ... and nothing changed in the index
+
+    fake.faults.clear()
+    fake.hidden_spaces.add("ENG")  # now hidden: 404, and CQL leaves its pages out
+    with pytest.raises(ConnectorError, match="no configured space can be read"):
+        sync(settings, full=True)  # a full run would reconcile deletions
+    failures = {i.doc_id: i for i in store.issues("wiki", kind="failed")}
+    assert list(failures) == ["wiki:space:ENG"]
+    assert "No space with key : ENG" in failures["wiki:space:ENG"].reason
+    assert store.get("wiki").cursor == cursor
+    assert chunks_by_doc(settings) == indexed  # nothing deleted
+
+    fake.hidden_spaces.clear()  # access restored
+    restored = sync(settings)
+    assert restored["status"] == "completed"
+    assert restored["documents_added"] == 1 and restored["documents_updated"] == 1
+    assert set(chunks_by_doc(settings)) == {"wiki:10", "wiki:11"}
+    assert "twice" in chunk_text(settings, "wiki:10")
+    assert store.issues("wiki", kind="failed") == []
+    assert store.get("wiki").cursor["when"] == (EPOCH + timedelta(hours=3)).isoformat()
 
 
 def test_flow_a_space_that_cannot_be_read_fails_alone_and_its_cursor_holds(tmp_path, fake):

@@ -634,6 +634,47 @@ def test_flow_an_unreadable_project_fails_alone_and_its_cursor_holds(fake, remot
     assert second["status"] == "completed_with_failures"
 
 
+def test_flow_one_project_that_cannot_be_read_is_a_failed_entity_and_recovers(fake, tmp_path):
+    """One configured project GitLab refuses (403 on ``GET /projects/:id``): the run
+    reports the failed entity with its reason and fails (no configured project can be
+    read), the cursor holds and nothing is deleted; with access restored the next run
+    reads what changed meanwhile."""
+    settings = gitlab_settings(tmp_path, fake, parts=["issues"])
+    state = StateStore(settings.resolved_state_url)
+    first = sync(settings)
+    assert first["status"] == "completed"
+    cursor = state.get("gl").cursor
+    indexed = chunks_by_doc(settings)
+    assert "gl:platform/deploy-tools#1" in indexed
+
+    fake.add_note(4242, "issues", 1, "Root cause: the runner cached the login.",
+                  when=days_ago(0))
+    refused = fake.fail(r"/projects/platform%2Fdeploy-tools$", 403, times=None,
+                        body={"message": "403 Forbidden"})
+    with pytest.raises(ConnectorError, match="no configured project can be read") as info:
+        sync(settings, full=True)  # a full run would reconcile deletions
+    assert "platform/deploy-tools" in str(info.value) and "403" in str(info.value)
+    assert fake.token not in str(info.value)
+    assert state.get("gl").last_status == "failed"
+    failures = {i.doc_id: i.reason for i in state.issues("gl", kind="failed")}
+    assert list(failures) == ["gl:platform/deploy-tools"]
+    assert "403" in failures["gl:platform/deploy-tools"]
+    assert state.get("gl").cursor == cursor and chunks_by_doc(settings) == indexed
+
+    fake.faults.remove(refused)  # access restored
+    restored = sync(settings)
+    assert restored["status"] == "completed" and restored["documents_updated"] == 1
+    assert any("Root cause" in text for text in chunk_texts(settings, "gl:platform/deploy-tools#1"))
+    assert state.issues("gl", kind="failed") == []
+    assert state.get("gl").cursor != cursor
+
+
+def chunk_texts(settings, doc_id) -> list[str]:
+    client = chromadb.PersistentClient(path=str(settings.chroma_path))
+    return client.get_collection(settings.chroma.collection).get(where={"doc_id": doc_id})[
+        "documents"]
+
+
 # --------------------------------------------------------------------- settings
 
 

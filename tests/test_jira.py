@@ -689,3 +689,52 @@ def test_flow_a_project_that_cannot_be_read_fails_alone_and_its_cursor_holds(
     got = client.get_collection(settings.chroma.collection).get(where={"doc_id": "jira:AUTH-2"})
     assert any("Cookies now last 12 hours." in text for text in got["documents"])
     assert store.issues("jira", kind="failed") == []
+
+
+def test_flow_one_project_that_cannot_be_read_is_a_failed_entity_and_recovers(
+        httpserver, tmp_path):
+    """One project in ``projects``: while Jira refuses it (400 "does not exist", then
+    403) the run reports the failed entity with Jira's message and fails, the cursor
+    holds and nothing is deleted; with access restored the next run reads what changed
+    meanwhile (the failed run's checkpoint is not replayed)."""
+    fake = FakeJira(httpserver, server_issues())
+    settings = jira_settings(tmp_path, fake, jql="", projects=["PLAT"])
+    store = StateStore(settings.resolved_state_url)
+    first = sync(settings)
+    assert first["status"] == "completed" and first["documents_added"] == 3
+    cursor = store.get("jira").cursor
+    indexed = chunks_by_doc(settings)
+
+    fake.add_comment("PLAT-2", "Raised to 200 per minute.", "Jun Chen",
+                     datetime(2024, 4, 21, tzinfo=UTC))
+    fake.hidden_projects.add("PLAT")
+    with pytest.raises(ConnectorError, match="no configured project can be read") as info:
+        sync(settings, full=True)  # a full run would reconcile deletions
+    assert "The value 'PLAT' does not exist for the field 'project'." in str(info.value)
+    state = store.get("jira")
+    assert state.last_status == "failed"
+    failures = {i.doc_id: i.reason for i in store.issues("jira", kind="failed")}
+    assert list(failures) == ["jira:project:PLAT"]
+    assert "The value 'PLAT' does not exist for the field 'project'." in \
+        failures["jira:project:PLAT"]
+    assert state.cursor == cursor and chunks_by_doc(settings) == indexed
+
+    fake.hidden_projects.clear()
+    fake.fail("search", 403, times=5,
+              body={"errorMessages": ["You do not have permission to browse PLAT."],
+                    "errors": {}})
+    with pytest.raises(ConnectorError, match="no configured project can be read"):
+        sync(settings)
+    failures = {i.doc_id: i.reason for i in store.issues("jira", kind="failed")}
+    assert list(failures) == ["jira:project:PLAT"] and "403" in failures["jira:project:PLAT"]
+    assert store.get("jira").cursor == cursor and chunks_by_doc(settings) == indexed
+
+    fake.faults.clear()  # access restored
+    restored = sync(settings)
+    assert restored["status"] == "completed" and restored["documents_updated"] == 1
+    client = chromadb.PersistentClient(path=str(settings.chroma_path))
+    got = client.get_collection(settings.chroma.collection).get(where={"doc_id": "jira:PLAT-2"})
+    assert any("Raised to 200 per minute." in text for text in got["documents"])
+    assert store.issues("jira", kind="failed") == []
+    assert store.get("jira").cursor["projects"]["PLAT"]["updated"] == \
+        "2024-04-21T00:00:00.000+00:00"
