@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, SecretStr
+
+log = logging.getLogger(__name__)
 
 #: Metadata values Chroma accepts: flat scalars only (no lists, dicts or None).
 MetadataValue = str | int | float | bool
@@ -527,3 +530,100 @@ def holds_fetch_failures(cursor: Any) -> bool:
     document is never in the cursor: such a run never moves it.
     """
     return isinstance(cursor, Mapping) and cursor.get("version") == WATERMARK_VERSION
+
+
+def entity_failure(source: str, entity: str, reason: str) -> DocumentIssue:
+    """The record of an entity (``"space:OPS"``, ``"project:AUTH"``) of ``source`` that
+    could not be read: ``doc_id`` ``"<source>:<entity>"``, ``scope="entity"``."""
+    return DocumentIssue(f"{source}:{entity}", reason, "failed", ENTITY_TITLE + entity,
+                         scope="entity")
+
+
+def read_entities(request: FetchRequest, checkpoint: Checkpoint | None, *,
+                  keys: Sequence[str], kind: str, source: str,
+                  cursor_of: Callable[[Cursor | None, str], Cursor | None],
+                  read: Callable[[FetchRequest, Checkpoint | None, str], Iterator[Page]],
+                  refused: Callable[[ConnectorError, str], bool],
+                  fail: Callable[[str], Exception]) -> Iterator[Page]:
+    """Read several entities of a source (Confluence spaces, Jira projects) one search
+    each, in the order of ``keys``, so that one that cannot be read fails alone.
+
+    The cursor is ``{"<kind>s": {<key>: <that entity's cursor>}, "version": 1}``: each
+    entity moves on its own. An entity whose read raises :class:`EntityError`, or a
+    :class:`ConnectorError` that ``refused(exc, key)`` accepts, is a failed entity (a
+    page with :func:`entity_failure` ``"<kind>:<key>"`` and the reason); its cursor
+    stays where it was (one never read has none, so it is read from the beginning once
+    it can be) and the others are read. When no entity can be read, ``fail(message)``
+    is raised.
+
+    The checkpoint is ``{"<kind>": <key being read>, "inner": <its read's checkpoint, or
+    None once done>, "done": {<key>: <new cursor>}, "entities": [[<key>, <reason>]]}``.
+    The last page (possibly empty) carries the cursor and, again, the entity failures of
+    runs before the checkpoint, so the run that finishes the read knows them. A
+    checkpoint in which every entity failed (its run failed as a whole) is not resumed:
+    the read starts over, so an entity whose access is restored is read instead of its
+    old failure replayed.
+
+    Args:
+        request: the run's request; each entity reads it with its own cursor.
+        keys: the configured entities.
+        kind: ``"space"``, ``"project"``: names the checkpoint and cursor keys.
+        source: the source's name (failure records, logs).
+        cursor_of: ``(request cursor, key) -> that entity's cursor`` (old single-search
+            cursors included).
+        read: ``(request, inner checkpoint, key) -> pages`` of one entity; its last page
+            carries that entity's cursor.
+        refused: whether a connector error means the entity cannot be read.
+        fail: builds the error raised when no entity can be read.
+    """
+    old = request.cursor if not request.is_backfill else None
+    resume = checkpoint if checkpoint and kind in checkpoint else None
+    if resume and {e[0] for e in resume.get("entities") or []} >= set(keys):
+        resume = None
+    done: dict[str, Any] = dict((resume or {}).get("done") or {})
+    carried = [tuple(e) for e in (resume or {}).get("entities") or []]
+    entities: list[tuple[str, str]] = list(carried)
+    failed_keys = {key for key, _ in carried}
+    at, inner = (resume or {}).get(kind), (resume or {}).get("inner")
+
+    def position(key: str, inner_checkpoint: Checkpoint | None) -> Checkpoint:
+        return {kind: key, "inner": inner_checkpoint, "done": dict(done),
+                "entities": [list(e) for e in entities]}
+
+    last: Checkpoint = position(at or "", None)
+    for key in keys:
+        if key in done or key in failed_keys:
+            continue
+        sub = replace(request, cursor=cursor_of(old, key))
+        try:
+            for page in read(sub, inner if key == at else None, key):
+                if page.cursor is not None:
+                    done[key] = page.cursor
+                    page.cursor = None
+                    last = position(key, None)
+                else:
+                    last = position(key, page.checkpoint)
+                page.checkpoint = last
+                yield page
+        except EntityError as exc:
+            reason = str(exc)
+        except ConnectorError as exc:
+            if not refused(exc, key):
+                raise
+            reason = str(exc)
+        else:
+            continue
+        entities.append((key, reason))
+        last = position(key, None)
+        log.warning("source %r: %s", source, reason)
+        yield Page(issues=[entity_failure(source, f"{kind}:{key}", reason)], checkpoint=last)
+    if entities and {key for key, _ in entities} >= set(keys):
+        raise fail("; ".join(reason for _, reason in entities))
+    cursor: dict[str, Any] = {}
+    for key in keys:
+        if key in done:
+            cursor[key] = done[key]
+        elif (start := cursor_of(old, key)) is not None:
+            cursor[key] = start  # a failed entity holds where it was
+    yield Page(issues=[entity_failure(source, f"{kind}:{key}", reason) for key, reason in carried],
+               checkpoint=last, cursor={f"{kind}s": cursor, "version": WATERMARK_VERSION})

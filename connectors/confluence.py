@@ -92,8 +92,6 @@ from pydantic import Field, SecretStr, field_validator
 
 from connectors import http
 from connectors.base import (
-    ENTITY_TITLE,
-    WATERMARK_VERSION,
     Checkpoint,
     ConnectorError,
     Document,
@@ -105,7 +103,9 @@ from connectors.base import (
     SourceOptions,
     TransientSourceError,
     Watermark,
+    entity_failure,
     parse_instant,
+    read_entities,
     redact,
     reveal,
     utc,
@@ -605,7 +605,7 @@ class ConfluenceConnector:
                 raise
             reason = str(exc)
         log.warning("confluence source %r: %s", self.name, reason)
-        yield Page(issues=[self._entity_failed(space, reason)], checkpoint=last)
+        yield Page(issues=[entity_failure(self.name, f"space:{space}", reason)], checkpoint=last)
         raise self._error(f"{NO_SPACE_READABLE}: {reason}")
 
     def _fetch_scope(self, request: FetchRequest, checkpoint: Checkpoint | None,
@@ -734,69 +734,14 @@ class ConfluenceConnector:
         space whose access is restored is read instead of its old failure replayed.
         Each space is looked up once per run (:meth:`_ensure_space`), a resumed one too.
         """
-        old = request.cursor if not request.is_backfill else None
-        resume = checkpoint if checkpoint and "space" in checkpoint else None
-        if resume and {e[0] for e in resume.get("entities") or []} >= set(self.spaces):
-            # the run that wrote it failed as a whole (no space could be read): resuming
-            # would only replay its failures, so the read starts over
-            resume = None
-        done: dict[str, Any] = dict((resume or {}).get("done") or {})
-        carried = [tuple(e) for e in (resume or {}).get("entities") or []]
-        entities: list[tuple[str, str]] = list(carried)
-        failed_keys = {key for key, _ in carried}
-        at_space, inner = (resume or {}).get("space"), (resume or {}).get("inner")
+        def read(sub: FetchRequest, inner: Checkpoint | None, space: str) -> Iterator[Page]:
+            self._ensure_space(space)
+            yield from self._fetch_scope(sub, inner, space)
 
-        def position(space: str, inner_checkpoint: Checkpoint | None) -> Checkpoint:
-            return {"space": space, "inner": inner_checkpoint, "done": dict(done),
-                    "entities": [list(e) for e in entities]}
-
-        last: Checkpoint = position(at_space or "", None)
-        for space in self.spaces:
-            if space in done or space in failed_keys:
-                continue
-            start = self._cursor_of(old, space)
-            resumed = inner if space == at_space else None
-            sub = replace(request, cursor=start)
-            try:
-                self._ensure_space(space)
-                for page in self._fetch_scope(sub, resumed, space):
-                    if page.cursor is not None:
-                        done[space] = page.cursor
-                        page.cursor = None
-                        last = position(space, None)
-                    else:
-                        last = position(space, page.checkpoint)
-                    page.checkpoint = last
-                    yield page
-            except EntityError as exc:
-                reason = str(exc)
-            except ConnectorError as exc:
-                if not _space_refused(exc):
-                    raise
-                reason = str(exc)
-            else:
-                continue
-            entities.append((space, reason))
-            last = position(space, None)
-            log.warning("confluence source %r: %s", self.name, reason)
-            yield Page(issues=[self._entity_failed(space, reason)], checkpoint=last)
-        failed = {key for key, _ in entities}
-        if failed and failed >= set(self.spaces):
-            raise self._error(f"{NO_SPACE_READABLE}: " +
-                              "; ".join(reason for _, reason in entities))
-        spaces: dict[str, Any] = {}
-        for space in self.spaces:
-            if space in done:
-                spaces[space] = done[space]
-            elif (start := self._cursor_of(old, space)) is not None:
-                spaces[space] = start  # a failed space holds where it was
-        yield Page(issues=[self._entity_failed(key, reason) for key, reason in carried],
-                   checkpoint=last, cursor={"spaces": spaces, "version": WATERMARK_VERSION})
-
-    def _entity_failed(self, space: str, reason: str) -> DocumentIssue:
-        entity = f"space:{space}"
-        return DocumentIssue(f"{self.name}:{entity}", reason, "failed", ENTITY_TITLE + entity,
-                             scope="entity")
+        yield from read_entities(
+            request, checkpoint, keys=self.spaces, kind="space", source=self.name,
+            cursor_of=self._cursor_of, read=read, refused=lambda exc, _key: _space_refused(exc),
+            fail=lambda reasons: self._error(f"{NO_SPACE_READABLE}: {reasons}"))
 
     @staticmethod
     def _checkpoint(params: dict[str, Any] | None, state: dict[str, Any]) -> Checkpoint:

@@ -79,7 +79,6 @@ from pydantic import BeforeValidator, Field, SecretStr, field_validator
 
 from connectors import http
 from connectors.base import (
-    ENTITY_TITLE,
     WATERMARK_VERSION,
     Checkpoint,
     ConnectorError,
@@ -92,6 +91,7 @@ from connectors.base import (
     SourceOptions,
     TransientSourceError,
     Watermark,
+    entity_failure,
     now_utc,
     redact,
     reveal,
@@ -389,13 +389,13 @@ class GitLabConnector:
                 raise
             # no configured project can be read: each is a failed entity with its reason
             # (as when only some cannot), then the source fails; the checkpoint is kept
-            yield Page(issues=[self._entity_failed(ref, reason)
+            yield Page(issues=[entity_failure(self.name, ref, reason)
                                for ref, reason in sorted(unreadable.items())],
                        checkpoint=checkpoint)
             raise
         if not resume_at:
             for ref, reason in sorted(self.unreadable.items()):
-                buffer.issues.append(self._entity_failed(ref, reason))
+                buffer.issues.append(entity_failure(self.name, ref, reason))
                 entities.append((ref, reason))
                 if ref in old_projects and request.cursor:
                     new_cursor[ref] = copy.deepcopy(old_projects[ref])
@@ -420,7 +420,7 @@ class GitLabConnector:
                     position = at(key, None)
                     break
                 except EntityError as exc:  # this part holds; the others go on
-                    buffer.issues.append(self._entity_failed(
+                    buffer.issues.append(entity_failure(self.name,
                         f"{project.path}:{part}", str(exc)))
                     entities.append((f"{project.path}:{part}", str(exc)))
                     pending += 1
@@ -447,14 +447,11 @@ class GitLabConnector:
                 yield buffer
                 buffer, pending = Page(), 0
 
-        buffer.issues.extend(self._entity_failed(entity, reason) for entity, reason in carried)
+        buffer.issues.extend(entity_failure(self.name, entity, reason)
+                             for entity, reason in carried)
         buffer.checkpoint = position or at([], None)
         buffer.cursor = {"projects": new_cursor, "version": WATERMARK_VERSION}
         yield buffer
-
-    def _entity_failed(self, entity: str, reason: str) -> DocumentIssue:
-        return DocumentIssue(f"{self.name}:{entity}", reason, "failed", ENTITY_TITLE + entity,
-                             scope="entity")
 
     def _read_part(self, project: GitLabProject, part: str, old: Any, inner: Any,
                    request: FetchRequest) -> Iterator[_Event]:

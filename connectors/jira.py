@@ -63,7 +63,6 @@ import base64
 import logging
 import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -73,8 +72,6 @@ from pydantic import Field, SecretStr
 
 from connectors import http
 from connectors.base import (
-    ENTITY_TITLE,
-    WATERMARK_VERSION,
     Checkpoint,
     ConnectorError,
     Cursor,
@@ -86,6 +83,7 @@ from connectors.base import (
     SourceOptions,
     TransientSourceError,
     Watermark,
+    read_entities,
     redact,
     reveal,
 )
@@ -541,65 +539,11 @@ class JiraConnector:
         the read starts over, so a project whose access is restored is read instead of
         its old failure replayed.
         """
-        old = request.cursor if not request.is_backfill else None
-        resume = checkpoint if checkpoint and "project" in checkpoint else None
-        if resume and {e[0] for e in resume.get("entities") or []} >= set(self.projects):
-            # the run that wrote it failed as a whole (no project could be read): resuming
-            # would only replay its failures, so the read starts over
-            resume = None
-        done: dict[str, Any] = dict((resume or {}).get("done") or {})
-        carried = [tuple(e) for e in (resume or {}).get("entities") or []]
-        entities: list[tuple[str, str]] = list(carried)
-        failed_keys = {key for key, _ in carried}
-        at_project, inner = (resume or {}).get("project"), (resume or {}).get("inner")
-
-        def position(project: str, inner_checkpoint: Checkpoint | None) -> Checkpoint:
-            return {"project": project, "inner": inner_checkpoint, "done": dict(done),
-                    "entities": [list(e) for e in entities]}
-
-        last: Checkpoint = position(at_project or "", None)
-        for project in self.projects:
-            if project in done or project in failed_keys:
-                continue
-            sub = replace(request, cursor=self._cursor_of(old, project))
-            try:
-                for page in self._fetch_jql(sub, inner if project == at_project else None,
-                                            project):
-                    if page.cursor is not None:
-                        done[project] = page.cursor
-                        page.cursor = None
-                        last = position(project, None)
-                    else:
-                        last = position(project, page.checkpoint)
-                    page.checkpoint = last
-                    yield page
-            except ConnectorError as exc:
-                if not _project_refused(exc, project):
-                    raise
-                reason = str(exc)
-            else:
-                continue
-            entities.append((project, reason))
-            last = position(project, None)
-            log.warning("jira source %r: %s", self.name, reason)
-            yield Page(issues=[self._entity_failed(project, reason)], checkpoint=last)
-        if entities and {key for key, _ in entities} >= set(self.projects):
-            raise ConnectorError(self._message("no configured project can be read: " +
-                                               "; ".join(reason for _, reason in entities)))
-        projects: dict[str, Any] = {}
-        for project in self.projects:
-            if project in done:
-                projects[project] = done[project]
-            elif (start := self._cursor_of(old, project)) is not None:
-                projects[project] = start  # a failed project holds where it was
-        yield Page(issues=[self._entity_failed(key, reason) for key, reason in carried],
-                   checkpoint=last,
-                   cursor={"projects": projects, "version": WATERMARK_VERSION})
-
-    def _entity_failed(self, project: str, reason: str) -> DocumentIssue:
-        entity = f"project:{project}"
-        return DocumentIssue(f"{self.name}:{entity}", reason, "failed", ENTITY_TITLE + entity,
-                             scope="entity")
+        yield from read_entities(
+            request, checkpoint, keys=self.projects, kind="project", source=self.name,
+            cursor_of=self._cursor_of, read=self._fetch_jql, refused=_project_refused,
+            fail=lambda reasons: ConnectorError(
+                self._message(f"no configured project can be read: {reasons}")))
 
     def _search_from(self, state: dict[str, Any], fields: list[str], wm: Watermark,
                      request: FetchRequest, project: str | None = None) -> dict[str, Any]:
