@@ -114,7 +114,9 @@ def main() -> None:
         query = series("query", kbsync("query", QUESTION, "-k", "2"), work, args.runs)
         remote = None
         if args.infinity and Path(args.infinity).exists():
-            from remote_embed import free_port, start_infinity
+            from remote_embed import start_infinity
+
+            from connectors.llm_server import free_port
 
             port = free_port()
             proc, _ = start_infinity(args.infinity, port, "cpu", work / "infinity.log", 32)

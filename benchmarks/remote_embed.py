@@ -45,15 +45,9 @@ from common import (
     write_json,
 )
 
+from connectors.llm_server import free_port
+
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_infinity(binary: str, port: int, device: str, log: Path, batch: int):

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import chromadb
 import pytest
 import yaml
 
+from connectors.llm_server import free_port
 from flows.deployments import deployment_specs, prefect_yaml
 from flows.settings import ConfigError, Settings, load_settings
 from flows.state import StateStore
@@ -349,12 +349,6 @@ def test_docker_compose_config_passes(tmp_path):
 
 
 # ----------------------------------------------------------------- the live stack
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(check, timeout: float, what: str, procs: list[subprocess.Popen] = ()) -> Any:
