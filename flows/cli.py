@@ -368,8 +368,11 @@ def status() -> None:
     counts = state.issue_counts()
     leases = state.locks()
     names = list(dict.fromkeys([s.name for s in settings.sources] + state.names()))
-    # ids-only counts per source (benchmarks/scale.py): no chunk's metadata is read
-    indexed = {n: store.source_counts(n) for n in names}
+    # counts kept in the state store (one row per source, benchmarks/scale.py); a source
+    # never counted there (synced by an older version) is counted in Chroma, ids only
+    kept = {n: state.counts(n) for n in names}
+    indexed = {n: (c.documents, c.chunks) if c is not None else store.source_counts(n)
+               for n, c in kept.items()}
     console.print(f"[bold]kbsync status[/] — index {settings.chroma.url or settings.chroma_path}, "
                   f"collection {settings.chroma.collection}", highlight=False)
     if not names:
@@ -390,6 +393,9 @@ def status() -> None:
         console.print(f"  documents: {indexed[n][0]}; chunks: {indexed[n][1]}; "
                       f"failed: {counts.get((n, 'failed'), 0)}; "
                       f"skipped: {counts.get((n, 'skipped'), 0)}", highlight=False, markup=False)
+        if kept[n] is not None and kept[n].writing and n not in leases:
+            console.print("  counts: a run stopped while writing; the next sync counts them "
+                          "again", highlight=False, markup=False)
         if n in leases:
             console.print(f"  lease: held by {leases[n].describe()}", highlight=False,
                           markup=False)
