@@ -359,20 +359,22 @@ def serve(
 @handle_errors
 def status() -> None:
     """Per source: cursor, last success, documents and chunks indexed, issues."""
-    from flows.retrieve import open_store
     from flows.state import StateStore
 
     settings = _settings()
     state = StateStore(settings.resolved_state_url)
-    store = open_store(settings)
     counts = state.issue_counts()
     leases = state.locks()
     names = list(dict.fromkeys([s.name for s in settings.sources] + state.names()))
     # counts kept in the state store (one row per source, benchmarks/scale.py); a source
     # never counted there (synced by an older version) is counted in Chroma, ids only
     kept = {n: state.counts(n) for n in names}
-    indexed = {n: (c.documents, c.chunks) if c is not None else store.source_counts(n)
-               for n, c in kept.items()}
+    indexed = {n: (c.documents, c.chunks) for n, c in kept.items() if c is not None}
+    if len(indexed) < len(kept):  # Chroma is opened only then
+        from flows.retrieve import open_store
+
+        store = open_store(settings)
+        indexed.update({n: store.source_counts(n) for n in kept if n not in indexed})
     console.print(f"[bold]kbsync status[/] — index {settings.chroma.url or settings.chroma_path}, "
                   f"collection {settings.chroma.collection}", highlight=False)
     if not names:
