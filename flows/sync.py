@@ -81,7 +81,8 @@ class SyncSummary:
     ``seconds`` maps stage (fetch, chunk, embed, write, reconcile, total) to wall time;
     ``wait`` is the time the sync waited for the embedder (embedding overlaps fetching and
     chunking, so ``embed`` minus ``wait`` is the time it hid); ``embed_batches`` counts
-    the batches handed to the embedder."""
+    the batches handed to the embedder; ``tokens_embedded`` counts the model's tokens in
+    the embedded chunk texts (without special tokens or a passage prefix)."""
 
     source: str
     mode: str = "incremental"
@@ -93,6 +94,7 @@ class SyncSummary:
     documents_skipped: int = 0
     documents_failed: int = 0
     chunks_embedded: int = 0
+    tokens_embedded: int = 0
     chunks_reused: int = 0
     chunks_deleted: int = 0
     pages: int = 0
@@ -528,6 +530,7 @@ class BatchWriter:
             state.save_checkpoint(summary.source, self.request_key, group[-1].page.checkpoint,
                                   counts_delta=delta)
         summary.chunks_embedded += len(batch.add_ids)
+        summary.tokens_embedded += sum(map(self.pipeline.tokenizer.count_tokens, batch.add_texts))
         summary.chunks_reused += len(batch.update_ids)
         summary.chunks_deleted += len(batch.delete_ids)
 

@@ -71,6 +71,8 @@ def test_first_sync_indexes_every_eligible_file_then_noop(make_repo, make_settin
     held = chunks_by_doc(settings)
     assert set(held) == {"src0:README.md", "src0:src/app.py", "src0:docs/guide.md"}
     assert first["chunks_embedded"] == sum(len(v) for v in held.values())
+    texts = collection(settings).get(include=["documents"])["documents"]
+    assert first["tokens_embedded"] == sum(map(embedder.count_tokens, texts)) > 0
     for path, fmt in [("README.md", "markdown"), ("docs/guide.md", "markdown"),
                       ("src/app.py", "code")]:
         text = (repo.path / path).read_text()
