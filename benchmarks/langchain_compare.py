@@ -15,8 +15,9 @@ version (a collection each, cosine space):
 
 For each: full-sync seconds, chunks, tokens embedded (the model's tokens in the embedded
 texts), mean tokens per chunk; then a no-op re-run (seconds, chunks embedded). The
-model load and the Prefect server start are outside every figure. Retrieval quality is
-``retrieval.py``'s job.
+model load and the Prefect server start are outside every figure. The sides run one after
+the other: on a shared machine, run both orders (``--kbsync-first``). Retrieval quality
+is ``retrieval.py``'s job.
 
     .venv/bin/python benchmarks/langchain_compare.py [--files 300]
 
@@ -134,6 +135,8 @@ def main() -> None:
     parser.add_argument("--lc-chunk-tokens", type=int, default=200)
     parser.add_argument("--lc-overlap", type=int, default=30)
     parser.add_argument("--realdata", type=Path, default=DEFAULT_REALDATA)
+    parser.add_argument("--kbsync-first", action="store_true",
+                        help="run kbsync's side first (the machine's load drifts: run both orders)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -146,10 +149,12 @@ def main() -> None:
         embedder = load_embedder(Settings(data_dir=work).embedding.spec())  # shared, untimed
         embedder.encode(["warm up"])
         warm_up_prefect()
+        sides = {"langchain": lambda: langchain_side(files, embedder, work / "lc-chroma",
+                                                     args.lc_chunk_tokens, args.lc_overlap),
+                 "kbsync": lambda: kbsync_side(files, work / "kbsync")}
+        order = ["kbsync", "langchain"] if args.kbsync_first else ["langchain", "kbsync"]
         results = {"files": len(files), "model": embedder.name, "device": embedder.device,
-                   "langchain": langchain_side(files, embedder, work / "lc-chroma",
-                                               args.lc_chunk_tokens, args.lc_overlap),
-                   "kbsync": kbsync_side(files, work / "kbsync")}
+                   "order": order, **{side: sides[side]() for side in order}}
         lc, kb = results["langchain"], results["kbsync"]
         rows = []
         for key in ("full_sync_s", "chunks", "tokens_embedded", "noop_s", "noop_chunks_embedded"):
