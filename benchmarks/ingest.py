@@ -3,8 +3,9 @@
 Commits a subset of the AWS documentation corpus (``../shared/realdata``) into a temp git
 repository and measures, through the real Prefect flow into an embedded Chroma:
 
-* full sync: wall seconds and chunks/s (the model is loaded before timing; the Prefect
-  server is started before timing by a warm-up flow);
+* full sync: wall seconds, chunks/s and the model tokens embedded (the encoder's work;
+  the model is loaded before timing; the Prefect server is started before timing by a
+  warm-up flow);
 * the ceiling: ``model.encode`` on exactly the chunk texts the sync stored, same batch
   size; the ratio pipeline/ceiling throughput (target >= 0.9);
 * no-op re-sync (no new commit; target < 3 s);
@@ -142,6 +143,7 @@ def main() -> None:
             "files": len(files),
             "documents_indexed": full["documents_added"],
             "chunks": chunks,
+            "tokens_embedded": full["tokens_embedded"],
             "model": embedder.name,
             "device": embedder.device,
             "batch_size": args.batch_size,
@@ -163,6 +165,8 @@ def main() -> None:
         }
         print_table(f"ingest benchmark ({len(files)} {label}, {embedder.device})", [
             ("documents / chunks", f"{result['documents_indexed']} / {chunks}"),
+            ("tokens embedded (mean per chunk)",
+             f"{full['tokens_embedded']} ({full['tokens_embedded'] / max(chunks, 1):.0f})"),
             ("full sync (s)", full_s),
             ("pipeline chunks/s", pipeline_cps),
             ("ceiling: raw model.encode chunks/s", ceiling_cps),

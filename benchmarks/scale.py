@@ -72,7 +72,7 @@ class HashEmbedder:
     def __getattr__(self, name: str):
         return getattr(self._real, name)
 
-    def encode(self, texts, progress=None, kind: str = "passage") -> np.ndarray:
+    def encode(self, texts, progress=None, kind: str = "passage", **_: Any) -> np.ndarray:
         out = np.empty((len(texts), self._real.dimension), dtype=np.float32)
         for i, text in enumerate(texts):
             seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")

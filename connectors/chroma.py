@@ -237,7 +237,15 @@ class ChromaStore:
 
     def doc_ids(self, source: str) -> set[str]:
         """Ids of the documents the index holds for ``source``."""
-        return {meta["doc_id"] for _, meta in self.iter_metadata({"source": source})}
+        return set(self.document_chunk_counts(source))
+
+    def document_chunk_counts(self, source: str) -> dict[str, int]:
+        """``{document id: chunks held}`` of every document the index holds for
+        ``source`` (reads every chunk's metadata: reconciliation's listing)."""
+        out: dict[str, int] = {}
+        for _, meta in self.iter_metadata({"source": source}):
+            out[meta["doc_id"]] = out.get(meta["doc_id"], 0) + 1
+        return out
 
     def count(self) -> int:
         col = self.collection(create=False)

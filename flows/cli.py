@@ -372,17 +372,22 @@ def serve(
 @handle_errors
 def status() -> None:
     """Per source: cursor, last success, documents and chunks indexed, issues."""
-    from flows.retrieve import open_store
     from flows.state import StateStore
 
     settings = _settings()
     state = StateStore(settings.resolved_state_url)
-    store = open_store(settings)
     counts = state.issue_counts()
     leases = state.locks()
     names = list(dict.fromkeys([s.name for s in settings.sources] + state.names()))
-    # ids-only counts per source (benchmarks/scale.py): no chunk's metadata is read
-    indexed = {n: store.source_counts(n) for n in names}
+    # counts kept in the state store (one row per source, benchmarks/scale.py); a source
+    # never counted there (synced by an older version) is counted in Chroma, ids only
+    kept = {n: state.counts(n) for n in names}
+    indexed = {n: (c.documents, c.chunks) for n, c in kept.items() if c is not None}
+    if len(indexed) < len(kept):  # Chroma is opened only then
+        from flows.retrieve import open_store
+
+        store = open_store(settings)
+        indexed.update({n: store.source_counts(n) for n in kept if n not in indexed})
     console.print(f"[bold]kbsync status[/] — index {settings.chroma.url or settings.chroma_path}, "
                   f"collection {settings.chroma.collection}", highlight=False)
     if not names:
@@ -403,6 +408,9 @@ def status() -> None:
         console.print(f"  documents: {indexed[n][0]}; chunks: {indexed[n][1]}; "
                       f"failed: {counts.get((n, 'failed'), 0)}; "
                       f"skipped: {counts.get((n, 'skipped'), 0)}", highlight=False, markup=False)
+        if kept[n] is not None and kept[n].writing and n not in leases:
+            console.print("  counts: a run stopped while writing; the next sync counts them "
+                          "again", highlight=False, markup=False)
         if n in leases:
             console.print(f"  lease: held by {leases[n].describe()}", highlight=False,
                           markup=False)

@@ -11,6 +11,10 @@ Tables:
     ``document_issues``  one row per (source, document) that was skipped or failed,
                  with the reason and how many runs saw it; removed when the document
                  is indexed or deleted.
+    ``source_counts``  one row per source: its documents and chunks in the index
+                 (counted in Chroma once, then moved by every durable batch in the
+                 transaction that saves its checkpoint; recounted by reconciliation and
+                 after an interrupted batch), so ``kbsync status`` never walks the index.
     ``source_locks``  one row per source being synced: a lease (owner, since, expiry) so
                  that two runs of one source never interleave, whichever way they were
                  started (a deployment, the nightly ``sync-all``, a backfill, the CLI).
@@ -107,6 +111,16 @@ class IssueRow(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=1)
 
 
+class CountRow(Base):
+    __tablename__ = "source_counts"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    documents: Mapped[int] = mapped_column(Integer, default=0)
+    chunks: Mapped[int] = mapped_column(Integer, default=0)
+    writing: Mapped[int] = mapped_column(Integer, default=0)
+    counted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
 class LockRow(Base):
     __tablename__ = "source_locks"
 
@@ -177,6 +191,25 @@ class SourceState:
     last_summary: dict[str, Any] | None
     syncs_since_reconcile: int
     last_reconciled_at: datetime | None
+
+
+@dataclass(frozen=True)
+class IndexCounts:
+    """A source's documents and chunks in the index, as the state store keeps them.
+
+    Attributes:
+        documents, chunks: counted in Chroma at ``counted_at`` (the first sync, an
+            interrupted run's next sync, every reconciliation), then moved by each
+            durable batch's changes.
+        writing: a batch was being written and its changes not yet recorded; if its run
+            died the counts may be off until the next sync recounts them.
+        counted_at: when they were last counted in Chroma (aware UTC).
+    """
+
+    documents: int
+    chunks: int
+    writing: bool
+    counted_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -259,12 +292,50 @@ class StateStore:
         with Session(self.engine) as session:
             return list(session.scalars(select(SourceRow.name).order_by(SourceRow.name)))
 
-    def save_checkpoint(self, name: str, request_key: str, checkpoint: dict[str, Any]) -> None:
-        """Remember that everything up to ``checkpoint`` of ``request_key`` is durable."""
+    def save_checkpoint(self, name: str, request_key: str, checkpoint: dict[str, Any], *,
+                        counts_delta: tuple[int, int] | None = None) -> None:
+        """Remember that everything up to ``checkpoint`` of ``request_key`` is durable.
+
+        ``counts_delta`` (documents, chunks) is what the durable batch changed in the
+        index; it moves the kept :class:`IndexCounts` in the same transaction and clears
+        their ``writing`` mark (nothing is kept when they were never counted)."""
         with Session(self.engine) as session, session.begin():
             row = self._row(session, name)
             row.checkpoint = _dumps(checkpoint)
             row.checkpoint_request = request_key
+            if counts_delta is not None:
+                counts = session.get(CountRow, name)
+                if counts is not None:
+                    counts.documents += counts_delta[0]
+                    counts.chunks += counts_delta[1]
+                    counts.writing = 0
+
+    # ------------------------------------------------------------------- counts
+
+    def counts(self, name: str) -> IndexCounts | None:
+        """The kept document and chunk counts of ``name``, or None when never counted.
+        One row read: ``kbsync status`` costs the same at any index size."""
+        with Session(self.engine) as session:
+            row = session.get(CountRow, name)
+            if row is None:
+                return None
+            return IndexCounts(row.documents, row.chunks, bool(row.writing), row.counted_at)
+
+    def set_counts(self, name: str, documents: int, chunks: int) -> None:
+        """Record counts just counted in the index (clears the ``writing`` mark)."""
+        with Session(self.engine) as session, session.begin():
+            row = session.get(CountRow, name)
+            if row is None:
+                row = CountRow(name=name)
+                session.add(row)
+            row.documents, row.chunks, row.writing = documents, chunks, 0
+            row.counted_at = _now()
+
+    def mark_writing(self, name: str) -> None:
+        """Mark the counts of ``name`` as about to change (a batch is being written);
+        :meth:`save_checkpoint` with its ``counts_delta`` clears the mark."""
+        with Session(self.engine) as session, session.begin():
+            session.execute(update(CountRow).where(CountRow.name == name).values(writing=1))
 
     def clear_checkpoint(self, name: str) -> None:
         with Session(self.engine) as session, session.begin():
@@ -302,9 +373,11 @@ class StateStore:
                 row.last_reconciled_at = now
 
     def reset(self, name: str) -> None:
-        """Forget a source's cursor, checkpoint and issues (the index is untouched)."""
+        """Forget a source's cursor, checkpoint, issues and kept counts (the index is
+        untouched; the next sync counts it again)."""
         with Session(self.engine) as session, session.begin():
             session.execute(delete(SourceRow).where(SourceRow.name == name))
+            session.execute(delete(CountRow).where(CountRow.name == name))
             session.execute(delete(IssueRow).where(IssueRow.source == name))
 
     # ------------------------------------------------------------------- issues

@@ -81,7 +81,8 @@ class SyncSummary:
     ``seconds`` maps stage (fetch, chunk, embed, write, reconcile, total) to wall time;
     ``wait`` is the time the sync waited for the embedder (embedding overlaps fetching and
     chunking, so ``embed`` minus ``wait`` is the time it hid); ``embed_batches`` counts
-    the batches handed to the embedder."""
+    the batches handed to the embedder; ``tokens_embedded`` counts the model's tokens in
+    the embedded chunk texts (without special tokens or a passage prefix)."""
 
     source: str
     mode: str = "incremental"
@@ -93,6 +94,7 @@ class SyncSummary:
     documents_skipped: int = 0
     documents_failed: int = 0
     chunks_embedded: int = 0
+    tokens_embedded: int = 0
     chunks_reused: int = 0
     chunks_deleted: int = 0
     pages: int = 0
@@ -325,6 +327,8 @@ class PagePlan:
         skipped: documents skipped at the source (they leave the index).
         doc_ids: every document the page touches (a later page touching one of them
             waits until this page is written).
+        counts_delta: (documents, chunks) the page adds to its source's count in the
+            index once written (negative when it removes more).
     """
 
     page: Page
@@ -332,6 +336,7 @@ class PagePlan:
     failures: list[DocumentIssue]
     skipped: list[DocumentIssue]
     doc_ids: set[str]
+    counts_delta: tuple[int, int] = (0, 0)
 
 
 def plan_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> PagePlan:
@@ -399,7 +404,24 @@ def plan_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> PagePlan:
             summary.documents_deleted += 1
             summary.chunks_deleted += len(before.chunk_ids)
     return PagePlan(page, batch, failures, skipped,
-                    {d.id for d in documents} | set(gone_ids) | {i.doc_id for i in page.issues})
+                    {d.id for d in documents} | set(gone_ids) | {i.doc_id for i in page.issues},
+                    _counts_delta(planned, set(gone_ids), indexed))
+
+
+def _counts_delta(planned: list[tuple[Document, str, list[Chunk], IndexedDocument | None]],
+                  gone: set[str], indexed: dict[str, IndexedDocument]) -> tuple[int, int]:
+    """(documents, chunks) a planned page changes in its source's index: a planned
+    document ends with its new chunks, a gone one with none (deletions apply last)."""
+    documents = chunks = 0
+    for doc, _, new, before in planned:
+        if doc.id not in gone:
+            documents += before is None
+            chunks += len({c.id for c in new}) - (len(before.chunk_ids) if before else 0)
+    for doc_id in gone:
+        if (before := indexed.get(doc_id)) is not None:
+            documents -= 1
+            chunks -= len(before.chunk_ids)
+    return documents, chunks
 
 
 class BatchWriter:
@@ -418,6 +440,11 @@ class BatchWriter:
     With ``embedding.mode: remote`` the background thread runs the ``embed`` deployment
     instead, which embeds and writes the batch itself.
 
+    The source's document and chunk counts (``flows.state.IndexCounts``, what ``kbsync
+    status`` shows) move with each batch, in the transaction that saves its checkpoint;
+    a batch being written marks them, and a writer that finds them never counted or
+    still marked (the run that wrote them died) counts them in the index first.
+
     Raises (from :meth:`put`, :meth:`drain`): what the embedder raised for a batch
     (``connectors.embeddings.EmbeddingServerError``, ``flows.embed.RemoteEmbedError``, ...)
     naming the batch; nothing of that batch or later ones was written and no later
@@ -433,6 +460,10 @@ class BatchWriter:
         self.failed: list[DocumentIssue] = []
         self.batches = 0
         self._inflight: tuple[Any, list[PagePlan], ChunkBatch] | None = None
+        counts = pipeline.state.counts(summary.source)
+        if counts is None or counts.writing:
+            pipeline.state.set_counts(summary.source,
+                                      *pipeline.store.source_counts(summary.source))
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kbsync-embed")
 
     def put(self, plan: PagePlan) -> None:
@@ -504,7 +535,10 @@ class BatchWriter:
             vectors, seconds = future.result()
         for stage, value in seconds.items():
             summary.seconds[stage] = round(summary.seconds.get(stage, 0.0) + value, 4)
+        delta = (sum(p.counts_delta[0] for p in group), sum(p.counts_delta[1] for p in group))
         with summary.timed("write"):
+            if delta != (0, 0):
+                state.mark_writing(summary.source)
             if self.pipeline.settings.embedding.mode != "remote" and not batch.empty:
                 write_batch(batch, vectors, self.pipeline.store, self.pipeline.lexical)
             for plan in group:
@@ -517,8 +551,10 @@ class BatchWriter:
                                     [(i.doc_id, i.kind, i.reason, i.title) for i in issues])
                 self.failed.extend(plan.failures)
                 summary.documents_skipped += len(plan.skipped)
-            state.save_checkpoint(summary.source, self.request_key, group[-1].page.checkpoint)
+            state.save_checkpoint(summary.source, self.request_key, group[-1].page.checkpoint,
+                                  counts_delta=delta)
         summary.chunks_embedded += len(batch.add_ids)
+        summary.tokens_embedded += sum(map(self.pipeline.tokenizer.count_tokens, batch.add_texts))
         summary.chunks_reused += len(batch.update_ids)
         summary.chunks_deleted += len(batch.delete_ids)
 
@@ -535,14 +571,16 @@ def reconcile_deletions(pipeline: Pipeline, connector: SourceConnector,
             _logger().warning("reconciliation skipped: incomplete listing (%s)",
                               listing.reason)
             return False
-        indexed = pipeline.store.doc_ids(summary.source)
-        gone = sorted(indexed - listing.ids)
+        indexed = pipeline.store.document_chunk_counts(summary.source)
+        gone = sorted(set(indexed) - listing.ids)
         if gone:
-            held = pipeline.store.indexed_documents(gone)
             pipeline.apply(ChunkBatch(source=summary.source, delete_doc_ids=gone))
             pipeline.state.clear_issues(summary.source, gone)
             summary.documents_deleted += len(gone)
-            summary.chunks_deleted += sum(len(doc.chunk_ids) for doc in held.values())
+            summary.chunks_deleted += sum(indexed[d] for d in gone)
+        # the listing read every chunk of the source: its counts, exact, come for free
+        pipeline.state.set_counts(summary.source, len(indexed) - len(gone),
+                                  sum(indexed.values()) - sum(indexed[d] for d in gone))
         return True
 
 

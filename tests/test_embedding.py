@@ -171,3 +171,53 @@ def test_a_sync_that_loads_the_model_leaves_the_export_queries_use(make_repo, ma
     assert [c.chunk_id for c in onnx] == [c.chunk_id for c in torch]
     assert onnx[0].doc_id == "src0:docs/keys.md"
     assert abs(onnx[0].score - torch[0].score) < 1e-5
+
+
+def _plain_count(tokenizer_json: Path, text: str) -> int:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    tok.no_truncation()
+    tok.no_padding()
+    return len(tok.encode(text, add_special_tokens=False).ids)
+
+
+def test_remembered_word_counts_equal_whole_text_counts():
+    """count_tokens sums remembered per-word counts for the BERT tokenizer: the sum must
+    equal one encode of the whole text, whatever the whitespace, accents, CJK or control
+    characters, and asking twice (from the memory) gives the same answer."""
+    from transforms.embedding import resolve_model
+
+    tokenizer = load_tokenizer()
+    assert tokenizer._word_additive  # the default model takes the per-word path
+    reference = Path(resolve_model("all-MiniLM-L6-v2")[1]) / "tokenizer.json"
+    odd = ["a\tb\r\nc  d", "caf\u00e9 na\u0308ive \u0301x", "x\u00a0y\u2003z", "\u6f22\u5b57abc",
+           "ctrl\x1cchar\x00s", "[SEP] [MASK]x", "w" * 150 + " short", " lead trail ", "\n\n",
+           "Как загрузить сайт в бакет?", "foo.bar_baz(qux) -> 42!"]
+    texts = odd + [t for _, page in _aws_pages(5) for t in (page, page[:777], page[1234:2345])]
+    for text in texts:
+        expected = _plain_count(reference, text)
+        assert tokenizer.count_tokens(text) == expected, text[:80]
+        assert tokenizer.count_tokens(text) == expected, text[:80]
+
+
+def test_a_tokenizer_where_spaces_belong_to_tokens_counts_whole_texts(tmp_path):
+    """A SentencePiece-style (Metaspace) tokenizer is not additive over words: it is
+    detected, and its counts (remembered by whole text) equal one plain encode."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    corpus = [page for _, page in _aws_pages(3)]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300,
+                                                        special_tokens=["<unk>"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    from transforms.embedding import ModelTokenizer
+
+    tokenizer = ModelTokenizer(str(tmp_path))
+    assert not tokenizer._word_additive
+    for text in ["hello world", "hello  world\nagain", corpus[0][:500], corpus[1]]:
+        expected = _plain_count(tmp_path / "tokenizer.json", text)
+        assert tokenizer.count_tokens(text) == expected
+        assert tokenizer.count_tokens(text) == expected

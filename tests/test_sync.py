@@ -40,6 +40,15 @@ def chunks_by_doc(settings) -> dict[str, set[str]]:
     return out
 
 
+def assert_counts_kept(settings, source="src0"):
+    """The state store's kept counts of ``source`` equal what Chroma holds."""
+    held = collection(settings).get(where={"source": source}, include=["metadatas"])
+    kept = StateStore(settings.resolved_state_url).counts(source)
+    assert kept is not None and not kept.writing
+    assert (kept.documents, kept.chunks) == (len({m["doc_id"] for m in held["metadatas"]}),
+                                             len(held["ids"]))
+
+
 def expected_chunk_ids(settings, embedder, doc_id, text, fmt, title):
     config = ChunkingConfig(max_tokens=embedder.max_text_tokens,
                             overlap_tokens=settings.chunking.overlap_tokens)
@@ -62,6 +71,8 @@ def test_first_sync_indexes_every_eligible_file_then_noop(make_repo, make_settin
     held = chunks_by_doc(settings)
     assert set(held) == {"src0:README.md", "src0:src/app.py", "src0:docs/guide.md"}
     assert first["chunks_embedded"] == sum(len(v) for v in held.values())
+    texts = collection(settings).get(include=["documents"])["documents"]
+    assert first["tokens_embedded"] == sum(map(embedder.count_tokens, texts)) > 0
     for path, fmt in [("README.md", "markdown"), ("docs/guide.md", "markdown"),
                       ("src/app.py", "code")]:
         text = (repo.path / path).read_text()
@@ -132,6 +143,7 @@ def test_delete_rename_and_becoming_ineligible(make_repo, make_settings):
 
     # the renamed file's chunks are new ids (the doc id is part of them): nothing stale left
     assert collection(settings).count() == sum(len(v) for v in held.values())
+    assert_counts_kept(settings)
 
 
 class CrashBeforeCursor:
@@ -182,6 +194,7 @@ def test_crash_after_upsert_before_cursor_converges(make_repo, make_settings, ch
     ids = collection(settings).get()["ids"]
     assert len(ids) == len(set(ids))
     assert set(chunks_by_doc(settings)) == {"src0:a.md", "src0:c.md"}
+    assert_counts_kept(settings)
 
 
 class FailOneDocument:
@@ -269,6 +282,7 @@ def test_full_refresh_reconciles_files_excluded_later(make_repo, make_settings):
     assert full["reconciled"] and full["documents_deleted"] == 1
     assert set(chunks_by_doc(narrowed)) == {"src0:keep.md"}
     assert full["chunks_embedded"] == 0
+    assert_counts_kept(narrowed)
 
 
 def test_backfill_does_not_move_the_cursor(make_repo, make_settings):
@@ -297,6 +311,8 @@ def test_two_sources_share_one_collection(make_repo, make_settings):
     assert set(held) == {"alpha:x.md", "beta:x.md"}
     sources = Counter(m["source"] for m in collection(settings).get(include=["metadatas"])["metadatas"])
     assert sources == {"alpha": 1, "beta": 1}
+    assert_counts_kept(settings, "alpha")
+    assert_counts_kept(settings, "beta")
 
 
 def test_sync_source_flow_loads_config_file(make_repo, tmp_path):
@@ -336,3 +352,48 @@ def test_a_source_synced_by_another_run_is_left_alone(make_repo, make_settings, 
     state.release_lock("busy", "another-run@elsewhere")
     assert sync(settings, "busy")["status"] == "completed"
     assert state.lock("busy") is None
+
+
+@pytest.mark.parametrize("state", ["sqlite", "postgres"])
+def test_kept_counts_follow_every_change_and_recover(make_repo, make_settings, state, request):
+    """The per-source counts ``kbsync status`` shows are kept in the state store (SQLite
+    or PostgreSQL): they follow growing, shrinking, deleted and new documents batch by
+    batch; counts never kept (an older version's state) or left marked by a run that died
+    while writing are counted again in Chroma by the next sync, and reconciliation
+    recounts them."""
+    overrides = {"state_url": request.getfixturevalue("postgres_url")} if state == "postgres" else {}
+    repo = make_repo({"a.md": long_markdown(sections=2), "b.md": "# B\n\nbravo text\n",
+                      "c.md": long_markdown(sections=5)})
+    settings = make_settings(repo, **overrides)
+    sync(settings)
+    assert_counts_kept(settings)
+    store = StateStore(settings.resolved_state_url)
+    assert store.counts("src0").documents == 3
+
+    repo.commit({"a.md": long_markdown(sections=6), "c.md": long_markdown(sections=1),
+                 "d.md": "# D\n\ndelta text\n"}, remove=["b.md"])
+    sync(settings)
+    assert_counts_kept(settings)
+
+    # a run died between writing a batch and recording it: the mark stays, and the
+    # counts are wrong; the next sync counts them again before writing anything
+    store.mark_writing("src0")
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE source_counts SET chunks = chunks + 7")
+    repo.commit({"e.md": "# E\n\necho text\n"})
+    sync(settings)
+    assert_counts_kept(settings)
+
+    # state written before counts were kept: none, so the next sync counts them
+    store.reset("src0")
+    assert store.counts("src0") is None
+    repo.commit({"e.md": "# E\n\necho text, edited\n"})
+    sync(settings)
+    assert_counts_kept(settings)
+
+    # drift (say a chunk removed by hand) is repaired by reconciliation's listing
+    col = collection(settings)
+    col.delete(ids=col.get(where={"doc_id": "src0:d.md"})["ids"])
+    sync(settings, reconcile=True)
+    assert_counts_kept(settings)
+    store.close()

@@ -76,19 +76,27 @@ def _stem(word: str) -> str:
     return _STEMMERS[lang].stemWord(word)
 
 
+@lru_cache(maxsize=200_000)
+def _word_terms(raw: str) -> tuple[str, ...]:
+    """The index terms of one word run (itself, its identifier parts), stemmed."""
+    parts = split_identifier(raw)
+    words = [raw.lower()] + ([p.lower() for p in parts] if len(parts) > 1 else [])
+    terms: list[str] = []
+    for word in words:
+        word = word.replace("ё", "е").strip("_")
+        if not word or word in _STOP:
+            continue
+        if word.isdigit():
+            terms.append(word)
+        elif len(word) > 1 or _CYRILLIC.search(word):
+            terms.append(_stem(word))
+    return tuple(terms)
+
+
 def analyze(text: str) -> list[str]:
     """The index terms of ``text``, in order (duplicates kept, so BM25 sees term
-    frequency)."""
+    frequency). Terms of a word are remembered per process (a corpus repeats its words)."""
     terms: list[str] = []
     for raw in _WORD.findall(text):
-        parts = split_identifier(raw)
-        words = [raw.lower()] + ([p.lower() for p in parts] if len(parts) > 1 else [])
-        for word in words:
-            word = word.replace("ё", "е").strip("_")
-            if not word or word in _STOP:
-                continue
-            if word.isdigit():
-                terms.append(word)
-            elif len(word) > 1 or _CYRILLIC.search(word):
-                terms.append(_stem(word))
+        terms.extend(_word_terms(raw))
     return terms

@@ -96,6 +96,8 @@ class ModelTokenizer:
         tok.no_truncation()
         tok.no_padding()
         self._tok = tok
+        self._word_additive = _counts_add_over_spaces(tok)
+        self._counts: dict[str, int] = {}
         st_config = _read_json(path / "sentence_bert_config.json") if path else {}
         tok_config = _read_json(path / "tokenizer_config.json") if path else {}
         limit = int(tok_config.get("model_max_length") or 512)
@@ -115,8 +117,33 @@ class ModelTokenizer:
         return self.max_seq_length - self._special - (self.count_tokens(prefix) if prefix else 0)
 
     def count_tokens(self, text: str) -> int:
-        """Number of the model's tokens in ``text``, without special tokens."""
-        return len(self._tok.encode(text, add_special_tokens=False).ids)
+        """Number of the model's tokens in ``text``, without special tokens.
+
+        Equal to ``len(tokenizer.encode(text, add_special_tokens=False).ids)``, but
+        remembered: chunking asks for the same pieces many times (the recursive splitter
+        measures every split, then again while merging). With a BERT-style tokenizer
+        (``BertNormalizer`` + ``BertPreTokenizer`` or whitespace pre-tokenizer, a per-word
+        model), where no token spans a space or a newline, the count is the sum of the
+        counts of the space- and newline-separated words, each word counted once per
+        process; any other tokenizer counts whole texts, remembered by text.
+        """
+        counts = self._counts
+        if len(counts) > _COUNT_CACHE_SIZE:
+            counts.clear()
+        if not self._word_additive:
+            n = counts.get(text)
+            if n is None:
+                n = counts[text] = len(self._tok.encode(text, add_special_tokens=False).ids)
+            return n
+        words = text.replace("\n", " ").split(" ")
+        try:
+            return sum(map(counts.__getitem__, words))
+        except KeyError:  # count the new words in one call
+            new = [w for w in set(words) if w not in counts]
+            for word, enc in zip(new, self._tok.encode_batch(new, add_special_tokens=False),
+                                 strict=True):
+                counts[word] = len(enc.ids)
+            return sum(map(counts.__getitem__, words))
 
     def fertility(self, text: str) -> float:
         """Tokenizer fertility of ``text``: the model's tokens per word (``\\w+`` run).
@@ -129,6 +156,33 @@ class ModelTokenizer:
         """
         words = len(_WORD.findall(text))
         return self.count_tokens(text) / words if words else 0.0
+
+
+#: Most remembered token counts per tokenizer (words or texts); the memory is emptied
+#: when it holds more (a word is ~10 characters: ~20 MB at most).
+_COUNT_CACHE_SIZE = 200_000
+
+
+def _counts_add_over_spaces(tok) -> bool:
+    """Whether ``tok``'s count of a text is the sum of the counts of its space- and
+    newline-separated parts: a ``BertNormalizer`` (or none; per-character: cleaning,
+    CJK padding, lowercasing, accent stripping) and a pre-tokenizer that splits at every
+    whitespace (``BertPreTokenizer``, ``Whitespace``, ``WhitespaceSplit``), then a model
+    that encodes each word alone (WordPiece, WordLevel, BPE), and no added token holding
+    a space. See https://huggingface.co/docs/tokenizers/components. SentencePiece-style
+    ``Metaspace`` tokenizers fail this (a space is part of the next token)."""
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    norm, pre = tok.normalizer, tok.pre_tokenizer
+    if norm is not None and not isinstance(norm, normalizers.BertNormalizer):
+        return False
+    if not isinstance(pre, (pre_tokenizers.BertPreTokenizer, pre_tokenizers.Whitespace,
+                            pre_tokenizers.WhitespaceSplit)):
+        return False
+    if not isinstance(tok.model, (models.WordPiece, models.WordLevel, models.BPE)):
+        return False
+    return not any(" " in t.content or "\n" in t.content
+                   for t in tok.get_added_tokens_decoder().values())
 
 
 @lru_cache(maxsize=4)
