@@ -153,8 +153,23 @@ def _progress() -> Progress:
 
 
 def _run_with_progress(fn, *args, **kwargs):
-    """Run a flow with rich progress bars fed by the sync's progress events."""
-    from prefect.settings import PREFECT_API_URL
+    """Run a flow with rich progress bars fed by the sync's progress events.
+
+    The flow runs in this process without Prefect's flow-run heartbeats unless
+    ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set: Prefect's heartbeat thread sleeps in
+    1 s steps and the run's exit waits for it (0.5-1 s of every command; measured by
+    ``benchmarks/cli_startup.py``). They serve Prefect's zombie-run automations; the run
+    in this terminal ends with the command, and a source's lease has its own heartbeat
+    (``sync.lease_ttl_seconds``). Runs on workers (deployments) keep Prefect's default.
+    """
+    import os
+    from contextlib import nullcontext
+
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        temporary_settings,
+    )
 
     from flows.sync import progress_callback
 
@@ -173,8 +188,11 @@ def _run_with_progress(fn, *args, **kwargs):
             progress.update(bars[stage], completed=done, total=total)
 
         token = progress_callback.set(on_event)
+        heartbeats = nullcontext() if "PREFECT_FLOWS_HEARTBEAT_FREQUENCY" in os.environ else \
+            temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
         try:
-            return fn(*args, **kwargs)
+            with heartbeats:
+                return fn(*args, **kwargs)
         finally:
             progress_callback.reset(token)
 
