@@ -301,7 +301,7 @@ def embed(batch_url: str, config_path: str | None = None,
         raise EmbeddingModelMismatch(
             f"the batch was chunked for embedding model {batch.model!r}, but this worker's "
             f"embedding.model is {model_name!r}: give both workers the same settings")
-    spec = settings.embedding.spec()
+    spec = settings.embedding.spec(settings.http)
     store = open_collection(settings, model_name, lambda: load_embedder(spec))
     lexical = open_lexical(settings, store)
     try:

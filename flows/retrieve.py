@@ -89,7 +89,7 @@ def query_encoder(settings: Settings) -> Any:
     :mod:`transforms.onnx_embedding`); otherwise ``settings.embedding.encoder()``."""
     e = settings.embedding
     if e.backend != "sentence-transformers" or not e.onnx_queries:
-        return e.encoder()
+        return e.encoder(settings.http)
     from transforms.onnx_embedding import load_query_encoder
 
     return load_query_encoder(e.spec(), e.onnx_dir())

@@ -107,9 +107,13 @@ class EmbeddingSettings(_Model):
                                                    "e.g. http://gpu-host:7997")
     api_key: SecretStr | None = Field(None, description="backend openai: bearer token "
                                                         "(KBSYNC_EMBEDDING__API_KEY)")
-    request_timeout_seconds: float = Field(120.0, gt=0, description="backend openai: one batch")
-    request_retries: int = Field(1, ge=0, description="backend openai: retries of a failed "
-                                                      "request before the sync stops")
+    request_timeout_seconds: float = Field(
+        120.0, gt=0, description="backend openai: read timeout of one batch (an encode, not "
+                                 "a REST call: not http.timeout_seconds)")
+    http: RetryPolicy = Field(default_factory=RetryPolicy,
+                              description="backend openai: retries of a failed request "
+                                          "(max_retries; the openai client's own waits); "
+                                          "keys set here replace the top-level http: ones")
     batch_chunks: int = Field(256, ge=1, le=100_000,
                               description="chunks handed to the embedder at once, gathered "
                                           "across pages")
@@ -121,17 +125,26 @@ class EmbeddingSettings(_Model):
         None, description="where the ONNX exports live; default "
                           "$XDG_CACHE_HOME/kbsync/onnx (~/.cache/kbsync/onnx)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_retry_keys(cls, data: Any) -> Any:
+        # deprecated: embedding.request_retries
+        return fold_legacy_keys(data, {"request_retries": "max_retries"})
+
     @model_validator(mode="after")
     def _base_url_for_openai(self) -> EmbeddingSettings:
         if self.backend == "openai" and not self.base_url:
             raise ValueError("embedding.backend openai needs embedding.base_url")
         return self
 
-    def spec(self) -> EmbedderSpec:
+    def spec(self, http: RetryPolicy | None = None) -> EmbedderSpec:
+        """The embedder's spec; ``http`` is the top-level ``http:`` section that
+        ``embedding.http`` is put over (pass ``settings.http``)."""
+        policy = self.http.over(http or RetryPolicy())
         return EmbedderSpec(model=self.model, device=self.device, batch_size=self.batch_size,
                             offline=self.offline, backend=self.backend, base_url=self.base_url,
                             timeout_seconds=self.request_timeout_seconds,
-                            retries=self.request_retries)
+                            retries=policy.max_retries)
 
     def onnx_dir(self) -> Path:
         """The folder of the ONNX exports (``onnx_cache``, else the user's cache)."""
@@ -140,12 +153,13 @@ class EmbeddingSettings(_Model):
         cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
         return Path(cache) / "kbsync" / "onnx"
 
-    def encoder(self) -> Any:
-        """The embedder for these settings (see :func:`connectors.embeddings.load_encoder`)."""
+    def encoder(self, http: RetryPolicy | None = None) -> Any:
+        """The embedder for these settings (see :func:`connectors.embeddings.load_encoder`);
+        ``http`` as in :meth:`spec`."""
         from connectors.embeddings import load_encoder
 
         key = self.api_key.get_secret_value() if self.api_key else None
-        return load_encoder(self.spec(), key)
+        return load_encoder(self.spec(http), key)
 
 
 class ChunkingSettings(_Model):

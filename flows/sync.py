@@ -167,7 +167,7 @@ class Pipeline:
     def embedder(self) -> Any:
         """The embedder of ``embedding.backend`` (see ``connectors.embeddings``)."""
         if self._embedder is None:
-            self._embedder = self.settings.embedding.encoder()
+            self._embedder = self.settings.embedding.encoder(self.settings.http)
         return self._embedder
 
     @property

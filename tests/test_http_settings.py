@@ -99,6 +99,26 @@ def test_llm_503_is_retried_as_the_settings_say(httpserver, http, llm, requests)
     assert client.stats["retries"] == requests - 1
 
 
+@pytest.mark.parametrize(("http", "embedding", "requests"), [
+    ({"max_retries": 1}, {}, 2),
+    ({"max_retries": 2}, {"http": {"max_retries": 0}}, 1),
+    ({"max_retries": 2}, {"request_retries": 1}, 2),  # the old key
+])
+def test_embeddings_server_503_is_retried_as_the_settings_say(httpserver, tmp_path, http,
+                                                              embedding, requests):
+    from connectors.embeddings import EmbeddingServerError, RemoteEmbedder
+
+    httpserver.expect_request("/embeddings").respond_with_response(
+        Response('{"error": {"message": "busy"}}', status=503,
+                 content_type="application/json"))
+    settings = Settings(data_dir=tmp_path, http={**FAST, **http}, embedding={
+        "backend": "openai", "base_url": httpserver.url_for(""), **embedding})
+    embedder = RemoteEmbedder(settings.embedding.spec(settings.http))
+    with pytest.raises(EmbeddingServerError, match="503"):
+        embedder.encode(["a chunk"], label="batch 1")
+    assert len([r for r, _ in httpserver.log if r.path == "/embeddings"]) == requests
+
+
 def test_old_per_source_keys_still_load_into_http(tmp_path):
     path = tmp_path / "kbsync.yaml"
     path.write_text("""
