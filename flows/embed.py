@@ -159,17 +159,17 @@ def open_collection(settings: Settings, model_name: str,
 
 
 def open_lexical(settings: Settings,
-                 store: ChromaStore | Callable[[], ChromaStore]) -> LexicalBackend | None:
+                 store: Callable[[], ChromaStore]) -> LexicalBackend | None:
     """The lexical index (``lexical.url``'s PostgreSQL, else the SQLite file), or None
     when disabled. Rebuilt from Chroma first when it is missing or stale (another
-    analyzer version, or empty while Chroma is not). ``store`` may be a callable that
-    opens the collection: it is called only when the index is stale or empty, so a
-    healthy index is opened without importing chromadb."""
+    analyzer version, or empty while Chroma is not). ``store`` opens the collection; it
+    is called only when the index is stale or empty, so a healthy index is opened
+    without importing chromadb."""
     if not settings.lexical.enabled:
         return None
     lexical = open_index(settings.lexical_location)
     if not lexical.current or lexical.count() == 0:
-        chroma = store() if callable(store) else store
+        chroma = store()
         if not lexical.current or chroma.count() > 0:
             log.warning("rebuilding the lexical index %s from Chroma", lexical.path)
             rebuild_lexical(chroma, lexical)
@@ -303,7 +303,7 @@ def embed(batch_url: str, config_path: str | None = None,
             f"embedding.model is {model_name!r}: give both workers the same settings")
     spec = settings.embedding.spec(settings.http)
     store = open_collection(settings, model_name, lambda: load_embedder(spec))
-    lexical = open_lexical(settings, store)
+    lexical = open_lexical(settings, lambda: store)
     try:
         seconds = apply_batch(batch, store, lambda: load_embedder(spec), lexical=lexical)
     finally:

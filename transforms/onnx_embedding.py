@@ -30,6 +30,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -48,43 +49,24 @@ log = logging.getLogger(__name__)
 OPSET = 17
 
 
-def _modules(model_dir: Path) -> list[str] | None:
-    """The sentence-transformers module kinds of ``model_dir`` (``["Transformer",
-    "Pooling", "Normalize"]``), or ``None`` when there is no ``modules.json``."""
-    try:
-        modules = json.loads((model_dir / "modules.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
-
-
-def _pooling(model_dir: Path) -> str | None:
-    """``"mean"`` or ``"cls"`` from the model's Pooling config; ``None`` for any other
-    or combined pooling (max, mean-sqrt-len, weighted, last token)."""
-    try:
-        modules = json.loads((model_dir / "modules.json").read_text(encoding="utf-8"))
-        path = next(m["path"] for m in modules if str(m.get("type", "")).endswith("Pooling"))
-        config = json.loads((model_dir / path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, StopIteration, KeyError):
-        return None
-    modes = {key for key, on in config.items() if key.startswith("pooling_mode") and on is True}
-    if modes == {"pooling_mode_mean_tokens"}:
-        return "mean"
-    if modes == {"pooling_mode_cls_token"}:
-        return "cls"
-    return None
-
-
 def query_path(model_dir: Path) -> tuple[str, bool] | None:
     """``(pooling, normalize)`` when the model at ``model_dir`` can be run from ONNX:
-    a sentence-transformers directory of a ``Transformer``, a mean or CLS ``Pooling`` and
-    optionally a ``Normalize`` module; else ``None``."""
-    kinds = _modules(model_dir)
-    pooling = _pooling(model_dir)
-    if pooling is None or kinds not in (["Transformer", "Pooling"],
-                                        ["Transformer", "Pooling", "Normalize"]):
+    a sentence-transformers directory (``modules.json``) of a ``Transformer``, a
+    ``Pooling`` of mean or CLS alone, and optionally a ``Normalize`` module; else
+    ``None`` (max, mean-sqrt-len, weighted or combined pooling, a Dense layer, ...)."""
+    try:
+        modules = json.loads((model_dir / "modules.json").read_text(encoding="utf-8"))
+        kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+        if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+            return None
+        config = json.loads((model_dir / modules[1]["path"] / "config.json")
+                            .read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return pooling, kinds[-1] == "Normalize"
+    modes = {key for key, on in config.items() if key.startswith("pooling_mode") and on is True}
+    pooling = {frozenset({"pooling_mode_mean_tokens"}): "mean",
+               frozenset({"pooling_mode_cls_token"}): "cls"}.get(frozenset(modes))
+    return (pooling, kinds[-1] == "Normalize") if pooling else None
 
 
 def export_path(spec: EmbedderSpec, cache_dir: Path) -> Path | None:
@@ -263,23 +245,15 @@ def ensure_export(spec: EmbedderSpec, cache_dir: Path) -> Path | None:
         return None
 
 
-_loaded: dict[tuple[EmbedderSpec, Path], object] = {}
-_loaded_lock = threading.Lock()
-
-
+@lru_cache(maxsize=4)
 def load_query_encoder(spec: EmbedderSpec, cache_dir: Path) -> object:
     """The encoder for questions with the in-process backend: an :class:`OnnxEmbedder`
     over the model's export under ``cache_dir`` (made on first use, see
     :func:`ensure_export`), else the sentence-transformers model
     (:func:`transforms.embedding.load_embedder`). One per spec and process."""
-    key = (spec, cache_dir)
-    with _loaded_lock:
-        if key not in _loaded:
-            path = ensure_export(spec, cache_dir)
-            if path is None:
-                from transforms.embedding import load_embedder
+    path = ensure_export(spec, cache_dir)
+    if path is None:
+        from transforms.embedding import load_embedder
 
-                _loaded[key] = load_embedder(spec)
-            else:
-                _loaded[key] = OnnxEmbedder(spec, path)
-        return _loaded[key]
+        return load_embedder(spec)
+    return OnnxEmbedder(spec, path)
