@@ -627,10 +627,6 @@ STATUS_STYLE = {"passed": "bold green", "failed": "bold red", "unchecked": "bold
 STATUS_EXIT = {"passed": 0, "failed": 1, "unchecked": 3}
 
 
-def _num(value: Any, digits: int = 2) -> str:
-    return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
 def _print_report(report: dict[str, Any]) -> None:
     from transforms.evaluation import Metrics, result_cells, result_columns
 
@@ -666,6 +662,7 @@ def _print_report(report: dict[str, Any]) -> None:
 
 def _print_history(settings: Settings) -> None:
     from flows.validate import read_history
+    from transforms.evaluation import fmt
 
     entries = read_history(settings, last=30)
     if not entries:
@@ -686,7 +683,7 @@ def _print_history(settings: Settings) -> None:
         golden = entry.get("golden") or {}
 
         def cell(value: Any, key: str) -> str:
-            text = _num(value)
+            text = fmt(value)
             before = previous.get(key)
             if isinstance(value, int | float) and isinstance(before, int | float):
                 text += " ↑" if value > before + 1e-9 else " ↓" if value < before - 1e-9 else ""
