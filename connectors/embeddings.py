@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from connectors.base import redact
 from connectors.chroma import EmbeddingModelMismatch
 from transforms.embedding import (
     EmbedderSpec,
@@ -73,8 +74,11 @@ class RemoteEmbedder(TokenizerSide):
         self.name, _ = resolve_model(spec.model)
         self.tokenizer = load_tokenizer(spec.model, spec.offline)
         self.prefixes = self.tokenizer.prefixes
-        self.device = spec.base_url
         self.requests = 0
+        self._secrets = (api_key,)
+        #: the server as errors name it (no user:password@ of the URL, no key)
+        self._where = redact(spec.base_url, self._secrets)
+        self.device = self._where
         self._dimension: int | None = None
         self._client = OpenAI(base_url=spec.base_url, api_key=api_key or "none",
                               timeout=spec.timeout_seconds, max_retries=spec.retries)
@@ -110,24 +114,25 @@ class RemoteEmbedder(TokenizerSide):
                                                    encoding_format="float")
         except APIError as exc:
             status = getattr(exc, "status_code", None)
-            body = str(getattr(exc, "body", None) or exc)[:300]
+            # a server or proxy may echo the request: its words pass through redact
+            body = redact(str(getattr(exc, "body", None) or exc)[:300], self._secrets)
             if status in (400, 404, 422) and "model" in body.lower():
                 raise EmbeddingModelMismatch(
-                    f"the embeddings server at {self.spec.base_url} does not serve model "
+                    f"the embeddings server at {self._where} does not serve model "
                     f"{self.name!r} ({status}: {body}); give the server and kbsync the same "
                     "model (Infinity: --served-model-name)") from None
             raise EmbeddingServerError(
-                f"embeddings server {self.spec.base_url} (model {self.name}) failed on {what}: "
+                f"embeddings server {self._where} (model {self.name}) failed on {what}: "
                 f"{type(exc).__name__}{f' {status}' if status else ''}: {body}") from None
         if reply.model and reply.model != self.name:
             raise EmbeddingModelMismatch(
-                f"the embeddings server at {self.spec.base_url} answered with model "
+                f"the embeddings server at {self._where} answered with model "
                 f"{reply.model!r}, but embedding.model is {self.name!r}")
         rows = sorted(reply.data, key=lambda d: d.index)
         vectors = np.asarray([d.embedding for d in rows], dtype=np.float32)
         if vectors.shape[0] != len(inputs):
             raise EmbeddingServerError(
-                f"embeddings server {self.spec.base_url} returned {vectors.shape[0]} vectors "
+                f"embeddings server {self._where} returned {vectors.shape[0]} vectors "
                 f"for {what}")
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         vectors /= np.where(norms > 0, norms, 1.0)

@@ -4,6 +4,8 @@ HTTP stand-ins in fakes/ receive; the old per-source keys still load."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from werkzeug import Response
 
@@ -117,6 +119,26 @@ def test_embeddings_server_503_is_retried_as_the_settings_say(httpserver, tmp_pa
     with pytest.raises(EmbeddingServerError, match="503"):
         embedder.encode(["a chunk"], label="batch 1")
     assert len([r for r, _ in httpserver.log if r.path == "/embeddings"]) == requests
+
+
+def test_embeddings_server_errors_name_no_secret(httpserver, tmp_path):
+    from connectors.embeddings import EmbeddingServerError, RemoteEmbedder
+
+    # a proxy that echoes the request's Authorization header in its error body
+    httpserver.expect_request("/embeddings").respond_with_handler(
+        lambda request: Response(
+            json.dumps({"error": {"message": f"denied for {request.headers.get('Authorization')}"}}),
+            status=502, content_type="application/json"))
+    url = httpserver.url_for("").replace("http://", "http://kb:hunter2@")
+    settings = Settings(data_dir=tmp_path, http=FAST, embedding={
+        "backend": "openai", "base_url": url, "http": {"max_retries": 0}})
+    embedder = RemoteEmbedder(settings.embedding.spec(settings.http), api_key="s3cr3t-key")
+    with pytest.raises(EmbeddingServerError) as caught:
+        embedder.encode(["a chunk"])
+    message = str(caught.value)
+    assert "502" in message and "denied for" in message and "***" in message
+    assert "s3cr3t-key" not in message and "hunter2" not in message
+    assert "hunter2" not in embedder.device
 
 
 def test_old_per_source_keys_still_load_into_http(tmp_path):
