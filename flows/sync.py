@@ -442,8 +442,10 @@ class BatchWriter:
 
     The source's document and chunk counts (``flows.state.IndexCounts``, what ``kbsync
     status`` shows) move with each batch, in the transaction that saves its checkpoint;
-    a batch being written marks them, and a writer that finds them never counted or
-    still marked (the run that wrote them died) counts them in the index first.
+    a batch handed over to be embedded and written marks them (before it leaves the main
+    thread: in remote mode the embed deployment writes it), and a writer that finds them
+    never counted or still marked (the run that wrote them died) counts them in the index
+    first.
 
     Raises (from :meth:`put`, :meth:`drain`): what the embedder raised for a batch
     (``connectors.embeddings.EmbeddingServerError``, ``flows.embed.RemoteEmbedError``, ...)
@@ -511,6 +513,11 @@ class BatchWriter:
                  f"{self.summary.pages - len(group) + 1}-{self.summary.pages})")
         if self.pipeline.settings.embedding.mode != "remote" and batch.add_ids:
             self.pipeline.embedder  # noqa: B018 - loaded here, not in the thread
+        # the counts are marked before the batch leaves this thread: in remote mode the
+        # embed deployment writes it, and a run killed after that write but before the
+        # checkpoint must leave the mark (the next sync recounts instead of drifting)
+        if any(p.counts_delta != (0, 0) for p in group):
+            self.pipeline.state.mark_writing(self.summary.source)
         future = self._pool.submit(contextvars.copy_context().run, self._embed, batch, label)
         self._inflight = (future, group, batch)
 
@@ -537,8 +544,6 @@ class BatchWriter:
             summary.seconds[stage] = round(summary.seconds.get(stage, 0.0) + value, 4)
         delta = (sum(p.counts_delta[0] for p in group), sum(p.counts_delta[1] for p in group))
         with summary.timed("write"):
-            if delta != (0, 0):
-                state.mark_writing(summary.source)
             if self.pipeline.settings.embedding.mode != "remote" and not batch.empty:
                 write_batch(batch, vectors, self.pipeline.store, self.pipeline.lexical)
             for plan in group:
@@ -574,6 +579,7 @@ def reconcile_deletions(pipeline: Pipeline, connector: SourceConnector,
         indexed = pipeline.store.document_chunk_counts(summary.source)
         gone = sorted(set(indexed) - listing.ids)
         if gone:
+            pipeline.state.mark_writing(summary.source)  # set_counts below clears it
             pipeline.apply(ChunkBatch(source=summary.source, delete_doc_ids=gone))
             pipeline.state.clear_issues(summary.source, gone)
             summary.documents_deleted += len(gone)

@@ -354,6 +354,52 @@ def test_a_source_synced_by_another_run_is_left_alone(make_repo, make_settings, 
     assert state.lock("busy") is None
 
 
+def test_counts_are_marked_before_a_batch_leaves_for_its_writer(make_repo, make_settings,
+                                                                embedder):
+    """A batch's counts are marked while it is being embedded, before anything of it is
+    written: in remote mode the embed deployment writes it from another process, so a run
+    killed after that write and before the checkpoint must still leave the mark (and the
+    next sync recounts). Seen from inside the embedder: the mark is set on every batch
+    it gets (one here), and the finished run leaves it cleared with the counts exact."""
+    from prefect import flow
+
+    from flows.sync import Pipeline
+
+    class MarkProbe:
+        """The real embedder, noting the counts' ``writing`` mark on every encode."""
+
+        def __init__(self, real, state):
+            self.real, self.state, self.marks = real, state, []
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def encode(self, texts, **kwargs):
+            self.marks.append(self.state.counts("src0").writing)
+            return self.real.encode(texts, **kwargs)
+
+    repo = make_repo({"a.md": long_markdown(sections=2), "b.md": "# B\n\nbravo text\n"})
+    settings = make_settings(repo)
+    sync(settings)
+    repo.commit({"a.md": long_markdown(sections=3), "c.md": long_markdown(sections=8),
+                 "d.md": long_markdown(sections=6)})
+    pipeline = Pipeline(settings)
+    probe = MarkProbe(embedder, pipeline.state)
+    pipeline._embedder = probe
+
+    @flow(name="test-sync")
+    def _flow():
+        return run_sync(settings, "src0", pipeline=pipeline).to_dict()
+
+    try:
+        summary = _flow()
+    finally:
+        pipeline.close()
+    assert summary["chunks_embedded"] > 4 and probe.marks
+    assert all(probe.marks), probe.marks
+    assert_counts_kept(settings)
+
+
 @pytest.mark.parametrize("state", ["sqlite", "postgres"])
 def test_kept_counts_follow_every_change_and_recover(make_repo, make_settings, state, request):
     """The per-source counts ``kbsync status`` shows are kept in the state store (SQLite
