@@ -6,7 +6,7 @@ import pytest
 
 from tests.conftest import long_markdown
 from transforms.chunking import ChunkingConfig, chunk_document, chunk_id, split_text
-from transforms.context import chunk_body, context_lines, document_name, lexical_text
+from transforms.context import context_lines, document_name, lexical_text, without_context_line
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_lexical_text_strips_whichever_fallback_line_the_chunk_has(counter):
     meta = {"title": "cfg.md", "heading": long_heading}
     assert lexical_text(chunk.text, meta) == f"cfg.md > {long_heading}\n\nSet the options."
     # a text that starts with no context line is kept whole (no title, no heading)
-    assert chunk_body("Body\n\nmore", "", "") == "Body\n\nmore"
+    assert without_context_line("Body\n\nmore", "", "") == "Body\n\nmore"
     assert lexical_text("Body\n\nmore", {}) == "Body\n\nmore"
 
 

@@ -68,7 +68,7 @@ def full_context(title: str, heading: str) -> str:
     return HEADING_SEPARATOR.join(p for p in [title, *headings(heading)] if p)
 
 
-def chunk_body(text: str, title: str, heading: str) -> str:
+def without_context_line(text: str, title: str, heading: str) -> str:
     """``text`` without the embedded context line it starts with (one of
     :func:`context_lines`), or ``text`` unchanged when it starts with none."""
     for line in context_lines(title, heading):
@@ -86,5 +86,5 @@ def lexical_text(text: str, metadata: Mapping[str, Any]) -> str:
     title = str(metadata.get("title") or "")
     heading = str(metadata.get("heading") or "")
     context = full_context(title, heading)
-    body = chunk_body(text, title, heading)
+    body = without_context_line(text, title, heading)
     return f"{context}\n\n{body}" if context else body
