@@ -35,7 +35,7 @@ from langchain_text_splitters import (
     RecursiveCharacterTextSplitter,
 )
 
-from transforms.context import HEADING_SEPARATOR, context_lines, full_context
+from transforms.context import HEADING_SEPARATOR, context_lines, full_context, headings
 
 #: Counts tokens of a text (without the model's special tokens).
 TokenCounter = Callable[[str], int]
@@ -43,7 +43,8 @@ TokenCounter = Callable[[str], int]
 HEADERS = [("#", "h1"), ("##", "h2"), ("###", "h3"), ("####", "h4")]
 #: Bump when the chunking algorithm changes in a way that changes chunk texts or ids
 #: (it is in every document hash, so an index cut by another version is re-chunked).
-#: 2: short embedded context line (name > nearest heading); ids also hash the full context.
+#: 2: short embedded context line (name > nearest heading), bodies cut as under the full
+#: one; ids also hash the full context.
 ALGORITHM_VERSION = 2
 
 
@@ -141,6 +142,25 @@ def _context_line(title: str, heading: str, counter: TokenCounter, max_tokens: i
     return ""
 
 
+def _reserved_tokens(title: str, heading: str, counter: TokenCounter, max_tokens: int) -> int:
+    """Tokens a section's bodies leave free: those of ``"title > heading path" + "\n\n"``
+    (the full context line), shortened to at most a third of the budget by dropping the
+    outermost heading first and the title last.
+
+    Bodies are cut to the size they would have under the full line even though only the
+    short line is embedded: larger bodies (the budget the short line leaves) rank worse
+    in the lexical index (AWS dev set, 800 pages: lexical MRR 0.835 -> 0.826), while
+    these keep it (0.834) and still embed 16% fewer tokens than the full line.
+    """
+    parts = [p for p in [title, *headings(heading)] if p]
+    while parts:
+        n = counter(HEADING_SEPARATOR.join(parts))
+        if n <= max_tokens // 3:
+            return counter(HEADING_SEPARATOR.join(parts) + "\n\n")
+        parts = parts[:1] + parts[2:] if len(parts) > 2 else parts[1:]
+    return 0
+
+
 def split_text(text: str, *, fmt: str, language: str | None, config: ChunkingConfig,
                counter: TokenCounter, title: str = "") -> list[tuple[str, str]]:
     """Cut ``text`` into ``(heading path, chunk text)`` pairs that fit ``config.max_tokens``.
@@ -168,7 +188,9 @@ def split_text(text: str, *, fmt: str, language: str | None, config: ChunkingCon
     out: list[tuple[str, str]] = []
     for heading, body in sections:
         context = _context_line(title, heading, counter, config.max_tokens)
-        budget = config.max_tokens - (counter(context + "\n\n") if context else 0)
+        budget = config.max_tokens - max(
+            _reserved_tokens(title, heading, counter, config.max_tokens),
+            counter(context + "\n\n") if context else 0)
         pieces = _fit(body, kind, budget, config.overlap_tokens, counter)
         for piece in pieces:
             out.append((heading, f"{context}\n\n{piece}" if context else piece))
