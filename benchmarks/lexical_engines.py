@@ -166,9 +166,11 @@ class BM25S:
 
 
 def chunk_corpus(pages: dict[str, str], prefix: str):
-    """The sync's chunks of each page -> ``[(chunk id, doc id, terms)]``."""
+    """The sync's chunks of each page -> ``[(chunk id, doc id, terms)]``, the terms of
+    the text the lexical index reads (``transforms.context.lexical_text``)."""
     from transforms.analysis import analyze
     from transforms.chunking import ChunkingConfig, chunk_document
+    from transforms.context import lexical_text
     from transforms.embedding import EmbedderSpec, load_embedder
 
     embedder = load_embedder(EmbedderSpec())
@@ -178,7 +180,8 @@ def chunk_corpus(pages: dict[str, str], prefix: str):
         doc_id = f"{prefix}:{rel}"
         for c in chunk_document(doc_id, text, fmt="markdown", title=rel, config=config,
                                 counter=embedder.count_tokens):
-            rows.append((c.id, doc_id, analyze(c.text)))
+            meta = {"title": rel, "heading": c.heading}
+            rows.append((c.id, doc_id, analyze(lexical_text(c.text, meta))))
     return rows
 
 

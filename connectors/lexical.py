@@ -2,7 +2,9 @@
 
 SQLite FTS5 over pre-analysed text (``transforms.analysis.analyze``: Russian and English
 Snowball stems, identifiers split, stop words dropped), one row per chunk under the
-same chunk id as in Chroma. Chosen by measurement against tantivy and bm25s (see
+same chunk id as in Chroma. The text analysed is the chunk's body under its full title
+and heading path (``transforms.context.lexical_text``), where the embedded text has a
+short context line. Chosen by measurement against tantivy and bm25s (see
 ``benchmarks/lexical_engines.py`` and the README): equal hit@k (same analysis, same
 BM25), the cheapest incremental writes, transactional (a page is durable or absent,
 like the rest of a sync), several processes may write at once (WAL + busy timeout; a
@@ -31,8 +33,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from transforms.analysis import ANALYZER_VERSION, analyze
+from transforms.context import CONTEXT_VERSION, lexical_text
 
 SCHEMA_VERSION = 1
+#: What an index's rows depend on (both backends): table layout, analyzer, and the rule
+#: that turns a chunk into the text analysed (``transforms.context.lexical_text``). An
+#: index stamped with another value is rebuilt from Chroma (``flows.embed.open_lexical``).
+INDEX_VERSION = f"schema={SCHEMA_VERSION};analyzer={ANALYZER_VERSION};context={CONTEXT_VERSION}"
 _FTS = ("CREATE VIRTUAL TABLE IF NOT EXISTS terms USING fts5(body, "
         "tokenize=\"unicode61 remove_diacritics 0 tokenchars '_'\", detail=column)")
 
@@ -125,7 +132,7 @@ class LexicalIndex:
             raise LexicalIndexError(f"cannot open the lexical index {self.path}: {exc}") from None
 
     #: What the stored rows depend on: a different value means the index must be rebuilt.
-    version = f"schema={SCHEMA_VERSION};analyzer={ANALYZER_VERSION}"
+    version = INDEX_VERSION
 
     @contextmanager
     def _tx(self) -> Iterator[None]:
@@ -173,9 +180,11 @@ class LexicalIndex:
 
     def add(self, ids: Sequence[str], texts: Sequence[str],
             metadatas: Sequence[dict[str, Any]]) -> None:
-        """Insert (or replace) chunks: ``metadatas`` give each chunk's ``doc_id`` and
-        ``source``. One transaction."""
-        rows = [(cid, meta.get("doc_id", ""), meta.get("source", ""), " ".join(analyze(text)))
+        """Insert (or replace) chunks: ``texts`` are chunk texts as Chroma stores them,
+        ``metadatas`` their Chroma metadata (``doc_id``, ``source``, and the ``title`` and
+        ``heading`` that :func:`transforms.context.lexical_text` adds). One transaction."""
+        rows = [(cid, meta.get("doc_id", ""), meta.get("source", ""),
+                 " ".join(analyze(lexical_text(text, meta))))
                 for cid, text, meta in zip(ids, texts, metadatas, strict=True)]
         with self._tx():
             self._delete_rowids(self._rowids("chunk_id", list(ids)))

@@ -9,7 +9,8 @@ disk, this index is written by whichever process applies a batch (a CPU sync, th
 Storage: one row per chunk in ``lexical_chunks`` (chunk id, document id, source, the
 number of terms, and the terms as a ``tsvector``) with a GIN index on the terms. The
 terms are our analyzer's (``transforms.analysis.analyze``: Russian/English Snowball
-stems, identifiers split, stop words dropped); the ``tsvector`` is built from them
+stems, identifiers split, stop words dropped) of ``transforms.context.lexical_text``
+(the chunk body under its full title and heading path); the ``tsvector`` is built from them
 directly as ``'term':pos,pos ...`` (the ``tsvector`` input syntax,
 https://www.postgresql.org/docs/current/datatype-textsearch.html), so no Postgres
 text-search configuration re-parses or re-stems them — our analyzer decides, exactly
@@ -38,8 +39,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from connectors.lexical import SCHEMA_VERSION, LexicalHit, LexicalIndexError
-from transforms.analysis import ANALYZER_VERSION, analyze
+from connectors.lexical import INDEX_VERSION, LexicalHit, LexicalIndexError
+from transforms.analysis import analyze
+from transforms.context import lexical_text
 
 #: tsvector positions are 1..16383 (larger ones are clamped by Postgres); a term keeps
 #: at most 255 positions (https://www.postgresql.org/docs/current/textsearch-limitations.html).
@@ -136,7 +138,7 @@ class PostgresLexicalIndex:
     one transaction.
     """
 
-    version = f"schema={SCHEMA_VERSION};analyzer={ANALYZER_VERSION}"
+    version = INDEX_VERSION
 
     def __init__(self, url: str, ranking: Literal["bm25", "ts_rank_cd"] = "bm25") -> None:
         self.url = url
@@ -191,11 +193,12 @@ class PostgresLexicalIndex:
 
     def add(self, ids: Sequence[str], texts: Sequence[str],
             metadatas: Sequence[dict[str, Any]]) -> None:
-        """Insert (or replace) chunks: ``metadatas`` give each chunk's ``doc_id`` and
-        ``source``. One transaction."""
+        """Insert (or replace) chunks: ``texts`` are chunk texts as Chroma stores them,
+        ``metadatas`` their Chroma metadata (``doc_id``, ``source``, and the ``title`` and
+        ``heading`` that :func:`transforms.context.lexical_text` adds). One transaction."""
         rows = []
         for cid, body, meta in zip(ids, texts, metadatas, strict=True):
-            terms = analyze(body)
+            terms = analyze(lexical_text(body, meta))
             rows.append({"id": cid, "doc": meta.get("doc_id", ""), "src": meta.get("source", ""),
                          "n": len(terms), "terms": to_tsvector_literal(terms)})
         if not rows:

@@ -120,7 +120,8 @@ def rebuild_lexical(store: ChromaStore, lexical: LexicalBackend, page: int = 200
     """Rebuild the lexical index from the chunks Chroma holds; returns the chunk count.
 
     Used by ``kbsync reindex --lexical`` and automatically when the lexical index is
-    missing, empty while Chroma is not, or written by another analyzer version.
+    missing, empty while Chroma is not, or written by another index version
+    (``connectors.lexical.INDEX_VERSION``: analyzer, or the chunk's lexical text rule).
     """
     lexical.clear()
     col = store.collection(create=False)
@@ -162,7 +163,7 @@ def open_lexical(settings: Settings,
                  store: Callable[[], ChromaStore]) -> LexicalBackend | None:
     """The lexical index (``lexical.url``'s PostgreSQL, else the SQLite file), or None
     when disabled. Rebuilt from Chroma first when it is missing or stale (another
-    analyzer version, or empty while Chroma is not). ``store`` opens the collection; it
+    index version, ``connectors.lexical.INDEX_VERSION``, or empty while Chroma is not). ``store`` opens the collection; it
     is called only when the index is stale or empty, so a healthy index is opened
     without importing chromadb."""
     if not settings.lexical.enabled:

@@ -15,6 +15,11 @@ Tables:
                  (counted in Chroma once, then moved by every durable batch in the
                  transaction that saves its checkpoint; recounted by reconciliation and
                  after an interrupted batch), so ``kbsync status`` never walks the index.
+    ``source_chunking``  one row per source: the chunking identity (model, chunking
+                 settings, chunking algorithm version: ``flows.sync.Pipeline.hash_salt``)
+                 its last complete read was indexed with; when it differs from the
+                 running one, the next sync reads everything again so every document
+                 is re-chunked (the rows of another identity are rewritten, not left).
     ``source_locks``  one row per source being synced: a lease (owner, since, expiry) so
                  that two runs of one source never interleave, whichever way they were
                  started (a deployment, the nightly ``sync-all``, a backfill, the CLI).
@@ -119,6 +124,13 @@ class CountRow(Base):
     chunks: Mapped[int] = mapped_column(Integer, default=0)
     writing: Mapped[int] = mapped_column(Integer, default=0)
     counted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class ChunkingRow(Base):
+    __tablename__ = "source_chunking"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    identity: Mapped[str] = mapped_column(Text)
 
 
 class LockRow(Base):
@@ -378,7 +390,26 @@ class StateStore:
         with Session(self.engine) as session, session.begin():
             session.execute(delete(SourceRow).where(SourceRow.name == name))
             session.execute(delete(CountRow).where(CountRow.name == name))
+            session.execute(delete(ChunkingRow).where(ChunkingRow.name == name))
             session.execute(delete(IssueRow).where(IssueRow.source == name))
+
+    # ----------------------------------------------------------------- chunking
+
+    def chunking(self, name: str) -> str | None:
+        """The chunking identity ``name`` was last read in full with, or None when never
+        recorded (a source never synced, or a state written before this was kept)."""
+        with Session(self.engine) as session:
+            row = session.get(ChunkingRow, name)
+            return row.identity if row is not None else None
+
+    def set_chunking(self, name: str, identity: str) -> None:
+        """Record that a complete read of ``name`` indexed every document with ``identity``."""
+        with Session(self.engine) as session, session.begin():
+            row = session.get(ChunkingRow, name)
+            if row is None:
+                session.add(ChunkingRow(name=name, identity=identity))
+            else:
+                row.identity = identity
 
     # ------------------------------------------------------------------- issues
 

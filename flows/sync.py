@@ -57,7 +57,7 @@ from flows.embed import apply_batch, embed_remote, open_collection, open_lexical
 from flows.settings import Settings, load_settings
 from flows.state import LeaseHeartbeat, StateStore, lease_holder_gone, lease_owner
 from transforms.batches import ChunkBatch
-from transforms.chunking import Chunk, ChunkingConfig, chunk_document
+from transforms.chunking import ALGORITHM_VERSION, Chunk, ChunkingConfig, chunk_document
 from transforms.embedding import Embedder, ModelTokenizer, load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
@@ -160,8 +160,11 @@ class Pipeline:
         self._store: ChromaStore | None = None
         self._chunking: ChunkingConfig | None = None
         self._lexical: LexicalBackend | None = None
-        #: Goes into every document hash: a change of model or chunking re-chunks.
-        self.hash_salt = f"{self.model_name}|{settings.chunking.model_dump_json()}"
+        #: Goes into every document hash: a change of model, chunking settings or chunking
+        #: algorithm (``ALGORITHM_VERSION``: chunk texts or ids cut differently) re-chunks
+        #: every document at the next sync, and its old chunk ids are deleted.
+        self.hash_salt = (f"{self.model_name}|{settings.chunking.model_dump_json()}"
+                          f"|chunking={ALGORITHM_VERSION}")
 
     @property
     def embedder(self) -> Any:
@@ -187,7 +190,7 @@ class Pipeline:
     @property
     def lexical(self) -> LexicalBackend | None:
         """The lexical index, or None when disabled. Rebuilt from Chroma first when it is
-        missing or stale (another analyzer version, or empty while Chroma is not)."""
+        missing or stale (another index version: analyzer or context rule; or empty while Chroma is not)."""
         if self._lexical is None:
             self._lexical = open_lexical(self.settings, lambda: self.store)
         return self._lexical
@@ -756,7 +759,10 @@ def index_source(pipeline: Pipeline, connector: SourceConnector, summary: SyncSu
         pipeline: the run's resources (state store, Chroma, embedder, lexical index).
         connector: the source.
         summary: the run's summary, filled in place.
-        full: read everything (no cursor) and reconcile deletions.
+        full: read everything (no cursor) and reconcile deletions. Also done when the
+            source's last complete read was indexed under another chunking identity
+            (``pipeline.hash_salt``, recorded in the state store), so an upgrade that
+            cuts chunks differently re-chunks every document by itself.
         since/until: a backfill window (UTC); the cursor never moves.
         force_reconcile: reconcile even when not due (ignored for backfills).
         fetch: the fetch step; :func:`run_sync` passes the ``fetch-page`` Prefect task
@@ -771,6 +777,13 @@ def index_source(pipeline: Pipeline, connector: SourceConnector, summary: SyncSu
     """
     settings, state = pipeline.settings, pipeline.state
     before = state.get(summary.source)
+    if not full and not since and before.cursor is not None \
+            and state.chunking(summary.source) != pipeline.hash_salt:
+        # documents indexed under another chunking (an upgrade that cuts chunks
+        # differently, changed chunking settings) are re-chunked only when read
+        _logger().warning("%s was indexed with another chunking version or settings: "
+                          "reading every document again to re-chunk it", summary.source)
+        full = True
     request = FetchRequest(cursor=None if full or since else before.cursor, since=since,
                            until=until)
     checkpoint = state.checkpoint_for(summary.source, request.key())
@@ -829,6 +842,8 @@ def index_source(pipeline: Pipeline, connector: SourceConnector, summary: SyncSu
                      reconciled=summary.reconciled)
     if final_cursor is not None:
         _clear_recovered_entities(state, summary.source, failed)
+        if request.cursor is None and not since:  # a complete read: all re-chunked
+            state.set_chunking(summary.source, pipeline.hash_salt)
     page_log.finish()
     if final_cursor is not None or (since and not failed):
         # The read reached its end: nothing is left to resume. Keeping the end checkpoint

@@ -6,6 +6,7 @@ import pytest
 
 from tests.conftest import long_markdown
 from transforms.chunking import ChunkingConfig, chunk_document, chunk_id, split_text
+from transforms.context import context_lines, document_name, lexical_text, without_context_line
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_markdown_keeps_heading_path_and_code_indentation(counter, config):
     by_heading = {c.heading: c for c in chunks}
     assert set(by_heading) == {"Guide", "Guide > Install", "Guide > Use"}
     install = by_heading["Guide > Install"].text
-    assert install.startswith("guide.md > Guide > Install\n\n")
+    assert install.startswith("guide > Install\n\n")  # document name > nearest heading
     assert "def f():\n    return 1" in install  # indentation survives, code stays with its prose
     assert "Run this:" in install
 
@@ -100,3 +101,63 @@ def test_bad_config_is_rejected():
         ChunkingConfig(max_tokens=4)
     with pytest.raises(ValueError, match="overlap_tokens"):
         ChunkingConfig(max_tokens=100, overlap_tokens=60)
+
+
+# ------------------------------------------------ short embedded line, full lexical text
+
+DEEP = ("# Backups\n\nWhy backups matter.\n\n## Restore\n\nRestoring takes a while.\n\n"
+        "### From S3\n\nCopy the snapshot from the bucket, then run the restore command.\n")
+
+
+def test_embedded_line_is_name_and_nearest_heading_lexical_text_has_it_all(counter, config):
+    title = "docs/admin/backup-restore.md"
+    chunks = chunk_document("d", DEEP, fmt="markdown", title=title, config=config,
+                            counter=counter)
+    deepest = next(c for c in chunks if c.heading == "Backups > Restore > From S3")
+    assert deepest.text == ("backup-restore > From S3\n\n"
+                            "Copy the snapshot from the bucket, then run the restore command.")
+    assert lexical_text(deepest.text, {"title": title, "heading": deepest.heading}) == (
+        "docs/admin/backup-restore.md > Backups > Restore > From S3\n\n"
+        "Copy the snapshot from the bucket, then run the restore command.")
+    # the first section: name and its own heading; no heading at all: the name alone
+    assert chunks[0].text.startswith("backup-restore > Backups\n\n")
+    plain = chunk_document("d", "Just text.", title="notes/todo.txt", config=config,
+                           counter=counter)
+    assert plain[0].text == "todo\n\nJust text."
+    assert lexical_text(plain[0].text, {"title": "notes/todo.txt", "heading": ""}) == \
+        "notes/todo.txt\n\nJust text."
+
+
+def test_document_name_shortens_paths_only():
+    assert document_name("guide/doc_source/s3-bucket-policies.md") == "s3-bucket-policies"
+    assert document_name("Makefile") == "Makefile"
+    assert document_name("src/Makefile") == "Makefile"
+    assert document_name("PROJ-12: Backups fail at night") == "PROJ-12: Backups fail at night"
+    assert document_name("Release notes 2.1") == "Release notes 2.1"  # not an extension
+    assert document_name("") == ""
+
+
+def test_lexical_text_strips_whichever_fallback_line_the_chunk_has(counter):
+    # a heading too long for a third of the budget: the line falls back to the name
+    long_heading = "Configuring " + " ".join(f"option{i}" for i in range(60))
+    text = f"# {long_heading}\n\nSet the options.\n"
+    config = ChunkingConfig(max_tokens=120, overlap_tokens=0)
+    [chunk] = chunk_document("d", text, fmt="markdown", title="cfg.md", config=config,
+                             counter=counter)
+    assert chunk.text == "cfg\n\nSet the options."
+    assert context_lines("cfg.md", long_heading) == [f"cfg > {long_heading}", long_heading, "cfg"]
+    meta = {"title": "cfg.md", "heading": long_heading}
+    assert lexical_text(chunk.text, meta) == f"cfg.md > {long_heading}\n\nSet the options."
+    # a text that starts with no context line is kept whole (no title, no heading)
+    assert without_context_line("Body\n\nmore", "", "") == "Body\n\nmore"
+    assert lexical_text("Body\n\nmore", {}) == "Body\n\nmore"
+
+
+def test_a_renamed_outer_heading_gives_new_ids_for_unchanged_embedded_text(counter, config):
+    before = chunk_document("d", DEEP, fmt="markdown", title="b.md", config=config,
+                            counter=counter)
+    after = chunk_document("d", DEEP.replace("# Backups", "# Backup and restore"),
+                           fmt="markdown", title="b.md", config=config, counter=counter)
+    assert [c.text for c in before][1:] == [c.text for c in after][1:]  # embedded: same
+    # ...but the lexical index must learn the new heading, so the chunks are rewritten
+    assert not {c.id for c in before} & {c.id for c in after}

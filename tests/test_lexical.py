@@ -262,3 +262,59 @@ def test_hybrid_leans_on_lexical_for_queries_the_model_cannot_read(make_repo, ma
         update={"adaptive_dense_weight": False})})
     assert hybrid_weights(fixed, question) == (1.0, 1.0)
     assert any("dense" in h.ranks for h in retrieve(fixed, question, k=3, mode="hybrid"))
+
+
+# ------------------------------------------- full context for the lexical index only
+
+RUNBOOK = {"ops/runbooks/failover.md": "# Кластер PostgreSQL\n\nОбзор кластера.\n\n"
+                                       "## Переключение\n\nЗапустите команду switchover на "
+                                       "реплике и дождитесь её повышения до ведущей.\n"}
+
+
+def lexical_rows(settings) -> dict[str, str]:
+    """chunk id -> the analysed terms the SQLite index holds for it."""
+    index = LexicalIndex(settings.lexical_path)
+    try:
+        return dict(index.db.execute(
+            "SELECT c.chunk_id, t.body FROM terms t JOIN chunks c ON c.rowid = t.rowid"))
+    finally:
+        index.close()
+
+
+def test_lexical_index_reads_the_full_path_and_headings_and_a_rebuild_agrees(make_repo,
+                                                                             make_settings):
+    repo = make_repo(RUNBOOK)
+    settings = make_settings(repo)
+    sync(settings)
+    res = collection(settings).get(include=["documents", "metadatas"])
+    deep = {cid: text for cid, text, meta in zip(res["ids"], res["documents"], res["metadatas"],
+                                                  strict=True)
+            if meta["heading"] == "Кластер PostgreSQL > Переключение"}
+    [text] = deep.values()
+    # embedded: the short line (file name, nearest heading); no directory, no outer heading
+    assert text.startswith("failover > Переключение\n\n")
+    assert "runbooks" not in text and "Кластер" not in text
+    # lexical: the whole path and heading path are searchable
+    for query in ("runbooks переключение", "кластер switchover"):
+        assert retrieve(settings, query, k=1, mode="lexical")[0].chunk_id in deep
+
+    written = lexical_rows(settings)
+    for suffix in ("", "-wal", "-shm"):  # lose the index: the next sync rebuilds it
+        settings.lexical_path.with_name(settings.lexical_path.name + suffix).unlink(missing_ok=True)
+    sync(settings)
+    assert lexical_rows(settings) == written  # from Chroma's texts and metadata, the same
+
+
+def test_a_lexical_index_of_another_version_is_rebuilt(make_repo, make_settings):
+    repo = make_repo(RUNBOOK)
+    settings = make_settings(repo)
+    sync(settings)
+    written = lexical_rows(settings)
+    index = LexicalIndex(settings.lexical_path)
+    index.clear()  # as if an older kbsync had written other rows under its own version
+    index.db.execute("UPDATE meta SET value = 'schema=1;analyzer=1' WHERE key = 'version'")
+    index.close()
+
+    sync(settings)  # nothing changed at the source
+    assert lexical_rows(settings) == written
+    assert LexicalIndex(settings.lexical_path).current

@@ -17,6 +17,7 @@ from flows.cli import app
 from flows.retrieve import retrieve
 from tests.test_lexical import RU_DOCS, chroma_ids
 from tests.test_sync import sync
+from transforms.analysis import analyze
 
 META = [{"doc_id": "a:1", "source": "a"}, {"doc_id": "a:2", "source": "a"},
         {"doc_id": "b:1", "source": "b"}]
@@ -128,4 +129,27 @@ def test_sync_query_and_reindex_with_lexical_url(make_repo, make_settings, postg
     out = CliRunner().invoke(app, ["--config", str(config), "reindex", "--lexical"])
     assert out.exit_code == 0, out.output
     assert pg.ids() == chroma_ids(settings) and "postgresql" in out.output
+    pg.close()
+
+
+def test_rows_hold_the_full_title_and_heading_path_like_sqlite(postgres_url, tmp_path):
+    # the chunk text starts with the short embedded line; title and heading come from
+    # the chunk's metadata (transforms.context.lexical_text), in both backends
+    chunk_text = "failover > Переключение\n\nЗапустите switchover на реплике."
+    meta = [{"doc_id": "s:ops/runbooks/failover.md", "source": "s",
+             "title": "ops/runbooks/failover.md", "heading": "Кластер > Переключение"}]
+    sqlite = LexicalIndex(tmp_path / "lex.db")
+    pg = open_index(postgres_url)
+    for index in (sqlite, pg):
+        index.add(["c1"], [chunk_text], meta)
+        assert [h.chunk_id for h in index.search("runbooks кластера")] == ["c1"]
+        assert [h.chunk_id for h in index.search("failover")] == ["c1"]  # the path's name
+    expected = analyze("ops/runbooks/failover.md > Кластер > Переключение\n\n"
+                       "Запустите switchover на реплике.")  # the short line replaced
+    [[body]] = sqlite.db.execute("SELECT body FROM terms").fetchall()
+    assert body.split() == expected
+    with create_engine(postgres_url).connect() as conn:
+        assert conn.execute(text("SELECT length FROM lexical_chunks")).scalar_one() == \
+            len(expected)
+    sqlite.close()
     pg.close()

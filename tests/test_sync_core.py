@@ -11,11 +11,16 @@ import uuid
 
 import chromadb
 import pytest
+from sqlalchemy import text
 
+from connectors.base import FetchRequest
 from connectors.chroma import ChromaStore
+from connectors.lexical import LexicalIndex
 from flows.sync import Pipeline, SyncSummary, index_source, read_page
 from tests.conftest import long_markdown
 from tests.test_sync import FailOneDocument
+from transforms.chunking import chunk_id
+from transforms.context import lexical_text
 
 
 @pytest.fixture(scope="session")
@@ -142,3 +147,48 @@ def test_a_fetch_step_that_fails_writes_what_was_read_and_keeps_the_cursor(make_
         index(repo, fetch=fetch_once)
     assert set(chunks_by_doc(index.store)) == {"src0:a.md", "src0:b.md"}  # salvaged
     assert index.state.get("src0").cursor == old_cursor
+
+
+def test_an_index_cut_by_the_previous_chunking_is_re_chunked_by_the_next_sync(
+        make_repo, make_settings, index, embedder):
+    repo = make_repo({"guide.md": long_markdown(sections=3), "notes.txt": "backup notes\n"})
+    index(repo)
+    current = chunks_by_doc(index.store)
+    settings = make_settings(repo, sync={"reconcile_every": 0})
+
+    # Turn the index into what chunking version 1 wrote: every chunk text was
+    # "title > heading path" + body (today's lexical text), ids hashed those texts,
+    # document hashes had no chunking version in their salt, the lexical index had the
+    # version of its time, and the state kept no chunking identity.
+    col = index.store.collection()
+    held = col.get(include=["documents", "metadatas"])
+    docs = {d.id: d for page in settings.source("src0").build(settings).fetch(FetchRequest(), None)
+            for d in page.documents}
+    old_salt = f"{index.store.model}|{settings.chunking.model_dump_json()}"
+    old_texts = [lexical_text(t, m) for t, m in zip(held["documents"], held["metadatas"],
+                                                     strict=True)]
+    old_ids = [chunk_id(m["doc_id"], t) for t, m in zip(old_texts, held["metadatas"],
+                                                         strict=True)]
+    old_metas = [{**m, "doc_hash": docs[m["doc_id"]].content_hash(old_salt)}
+                 for m in held["metadatas"]]
+    col.delete(ids=held["ids"])
+    col.add(ids=old_ids, documents=old_texts, metadatas=old_metas,
+            embeddings=embedder.encode(old_texts))
+    lexical = LexicalIndex(settings.lexical_path)
+    lexical.clear()
+    lexical.add(old_ids, old_texts, old_metas)
+    lexical.db.execute("UPDATE meta SET value = 'schema=1;analyzer=1' WHERE key = 'version'")
+    lexical.close()
+    with index.state.engine.begin() as conn:
+        conn.execute(text("DELETE FROM source_chunking"))
+    assert not set(old_ids) & {cid for ids in current.values() for cid in ids}
+
+    again = index(repo)  # an ordinary sync; nothing changed at the source
+    assert again.documents_updated == 2 and again.documents_unchanged == 0
+    assert chunks_by_doc(index.store) == current  # today's chunks; the old ids are gone
+    lexical = LexicalIndex(settings.lexical_path)
+    assert lexical.current and lexical.ids() == {c for ids in current.values() for c in ids}
+    lexical.close()
+
+    after = index(repo)  # re-chunked once: the next sync is incremental again (a full read
+    assert after.documents_unchanged == after.documents_updated == 0  # counts 2 unchanged)
