@@ -784,6 +784,7 @@ def index_source(pipeline: Pipeline, connector: SourceConnector, summary: SyncSu
         _logger().warning("%s was indexed with another chunking version or settings: "
                           "reading every document again to re-chunk it", summary.source)
         full = True
+        summary.mode = "full"  # what the run did, in its summary, log line and artifact
     request = FetchRequest(cursor=None if full or since else before.cursor, since=since,
                            until=until)
     checkpoint = state.checkpoint_for(summary.source, request.key())

@@ -185,6 +185,7 @@ def test_an_index_cut_by_the_previous_chunking_is_re_chunked_by_the_next_sync(
 
     again = index(repo)  # an ordinary sync; nothing changed at the source
     assert again.documents_updated == 2 and again.documents_unchanged == 0
+    assert again.mode == "full"  # reported as what it was: a full read
     assert chunks_by_doc(index.store) == current  # today's chunks; the old ids are gone
     lexical = LexicalIndex(settings.lexical_path)
     assert lexical.current and lexical.ids() == {c for ids in current.values() for c in ids}
@@ -192,3 +193,4 @@ def test_an_index_cut_by_the_previous_chunking_is_re_chunked_by_the_next_sync(
 
     after = index(repo)  # re-chunked once: the next sync is incremental again (a full read
     assert after.documents_unchanged == after.documents_updated == 0  # counts 2 unchanged)
+    assert after.mode == "incremental"
