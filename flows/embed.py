@@ -163,9 +163,9 @@ def open_lexical(settings: Settings,
                  store: Callable[[], ChromaStore]) -> LexicalBackend | None:
     """The lexical index (``lexical.url``'s PostgreSQL, else the SQLite file), or None
     when disabled. Rebuilt from Chroma first when it is missing or stale (another
-    index version, ``connectors.lexical.INDEX_VERSION``, or empty while Chroma is not). ``store`` opens the collection; it
-    is called only when the index is stale or empty, so a healthy index is opened
-    without importing chromadb."""
+    index version, ``connectors.lexical.INDEX_VERSION``, or empty while Chroma is not).
+    ``store`` opens the collection; it is called only when the index is stale or empty,
+    so a healthy index is opened without importing chromadb."""
     if not settings.lexical.enabled:
         return None
     lexical = open_index(settings.lexical_location)

@@ -190,7 +190,8 @@ class Pipeline:
     @property
     def lexical(self) -> LexicalBackend | None:
         """The lexical index, or None when disabled. Rebuilt from Chroma first when it is
-        missing or stale (another index version: analyzer or context rule; or empty while Chroma is not)."""
+        missing or stale (another index version: analyzer or context rule; or empty while
+        Chroma is not)."""
         if self._lexical is None:
             self._lexical = open_lexical(self.settings, lambda: self.store)
         return self._lexical

@@ -16,9 +16,9 @@ a chunk measured in characters would lose its tail from the index.
 
 A chunk's id is ``sha256(doc_id, chunk text + full context, occurrence)`` (DESIGN.md
 step 4), the full context being the title and heading path the lexical index reads
-(what either index holds of it): an unchanged chunk keeps its id when other parts of its document change, so only
-the changed chunks are embedded again; a renamed title or outer heading gives new ids,
-so neither index keeps a stale context.
+(what either index holds of it): an unchanged chunk keeps its id when other parts of
+its document change, so only the changed chunks are embedded again; a renamed title or
+outer heading gives new ids, so neither index keeps a stale context.
 """
 
 from __future__ import annotations
