@@ -223,20 +223,14 @@ def last_summary(data_dir: Path) -> dict[str, Any]:
 
 def index_snapshot(data_dir: Path) -> dict[str, Any]:
     """Chunk ids per document, document hashes, completeness and the lexical ids."""
-    import chromadb
+    from connectors.chroma import ChromaStore
 
-    client = chromadb.PersistentClient(path=str(data_dir / "chroma"))
-    collection = client.get_collection("kbsync")
-    res = collection.get(include=["metadatas"])
-    docs: dict[str, set[str]] = {}
-    hashes: dict[str, set[str]] = {}
-    counts: dict[str, set[int]] = {}
-    for cid, meta in zip(res["ids"], res["metadatas"], strict=True):
-        docs.setdefault(meta["doc_id"], set()).add(cid)
-        hashes.setdefault(meta["doc_id"], set()).add(meta["doc_hash"])
-        counts.setdefault(meta["doc_id"], set()).add(int(meta["chunk_count"]))
-    incomplete = sorted(d for d, ids in docs.items()
-                        if len(hashes[d]) != 1 or counts[d] != {len(ids)})
+    store = ChromaStore(path=data_dir / "chroma")
+    res = store.collection(create=False).get(include=["metadatas"])
+    held = store.indexed_documents({meta["doc_id"] for meta in res["metadatas"]})
+    docs = {d: set(doc.chunk_ids) for d, doc in held.items()}
+    # the sync's own rule of a completed write (its head's hash and count)
+    incomplete = sorted(d for d, doc in held.items() if doc.complete_hash is None)
     lexical_ids: set[str] | None = None
     lexical = data_dir / "lexical.db"
     if lexical.exists():
@@ -246,7 +240,8 @@ def index_snapshot(data_dir: Path) -> dict[str, Any]:
         lexical_ids = index.ids()
         index.close()
     return {"ids": set(res["ids"]), "docs": docs, "incomplete": incomplete,
-            "hashes": {d: next(iter(h)) for d, h in hashes.items()}, "lexical": lexical_ids}
+            "hashes": {d: next(iter(doc.heads))[0] for d, doc in held.items()},
+            "lexical": lexical_ids}
 
 
 # ------------------------------------------------------------------------------ chaos

@@ -58,9 +58,9 @@ from common import (
     write_json,
 )
 
-#: Chunks per AWS page, measured on the whole corpus (4,991 chunks / 300 pages ~ 16.6);
-#: used only to pick how many pages make a size, the real count is reported.
-CHUNKS_PER_PAGE = 16.6
+#: Pages sampled (every n-th of the corpus) to measure chunks per page with the current
+#: chunking; used only to pick how many pages make a size, the real count is reported.
+CALIBRATION_PAGES = 200
 
 #: ASSUMED GPU encode throughput of all-MiniLM-L6-v2 (fp16, batch 256, ~190-token
 #: chunks) on one H100/H200: ~10,000 chunks/s. Order of magnitude from published
@@ -90,6 +90,27 @@ class HashEmbedder:
         if progress:
             progress(len(texts))
         return out
+
+
+def chunks_per_page(files: dict[str, Path], settings) -> float:
+    """Mean chunks per page of the corpus under the current chunking settings, measured
+    on :data:`CALIBRATION_PAGES` pages spread over it (the real chunker and tokenizer)."""
+    from flows.sync import Pipeline
+    from transforms.chunking import chunk_document
+
+    pipeline = Pipeline(settings)
+    try:
+        names = sorted(files)
+        sample = names[::max(1, len(names) // CALIBRATION_PAGES)]
+        total = sum(len(chunk_document(name, files[name].read_text(encoding="utf-8",
+                                                                   errors="replace"),
+                                       fmt="markdown", title=name,
+                                       config=pipeline.chunking,
+                                       counter=pipeline.tokenizer.count_tokens))
+                    for name in sample)
+    finally:
+        pipeline.close()
+    return total / len(sample)
 
 
 def build_repo(files: dict[str, Path], pages: int, path: Path):
@@ -193,15 +214,16 @@ def measure(size: int, args) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"kbsync-scale-{size}-"))
     try:
         files = corpus_files(aws_corpus(args.realdata, args.cache))
-        pages = max(1, round(size / CHUNKS_PER_PAGE))
-        repo, rels = build_repo(files, pages, work / "repo")
         extra: dict[str, Any] = {}
         if args.chroma_url:
             extra["chroma"] = {"url": args.chroma_url, "collection": f"scale{size}"}
         if args.lexical_url:
             extra["lexical"] = {"url": args.lexical_url}
         settings = settings_for(work / "repo", work / "data", name="scale", **extra)
-        out: dict[str, Any] = {"pages": pages}
+        per_page = chunks_per_page(files, settings)
+        pages = max(1, round(size / per_page))
+        repo, rels = build_repo(files, pages, work / "repo")
+        out: dict[str, Any] = {"pages": pages, "chunks_per_page": round(per_page, 2)}
 
         def sync(**kw):
             pipeline = Pipeline(settings)

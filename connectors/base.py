@@ -113,6 +113,12 @@ class Document:
         format: how ``text`` is written; picks the chunker (``markdown``, ``code``, ``text``).
         language: programming language for ``format="code"`` (``"python"``, ...), else ``None``.
         metadata: the source's own flat scalar fields (path, space, status, ...).
+        version_fields: names of ``metadata`` fields that change with every version of
+            the document (a commit sha, a version number, a modification time, a size).
+            Like kbsync's own document fields (``connectors.chroma.DOCUMENT_FIELDS``)
+            they are kept current on the document's head chunk; a chunk an edit leaves
+            unchanged keeps the values of the version that wrote it, so an edit rewrites
+            the chunks it changes, not every chunk of the document.
     """
 
     id: str
@@ -125,6 +131,7 @@ class Document:
     format: TextFormat = "text"
     language: str | None = None
     metadata: dict[str, MetadataValue] = field(default_factory=dict)
+    version_fields: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "updated_at", utc(self.updated_at))

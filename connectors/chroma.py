@@ -13,7 +13,12 @@
 
 Every chunk carries ``doc_id``, ``doc_hash``, ``chunk_count``, ``source``,
 ``source_type``, ``title``, ``url``, ``updated_at``, ``chunk_index`` and the
-source's own fields. See https://docs.trychroma.com/reference/python/collection.
+source's own fields. The document-wide fields (:data:`DOCUMENT_FIELDS`: ``doc_hash``,
+``chunk_count``, ``updated_at``, ``updated_ts``) are current on a document's *head*, its
+``chunk_index`` 0 record; on its other chunks they are those of the version that last
+wrote the chunk (an unchanged chunk of an edited document is not rewritten for them,
+so an edit costs the chunks it changes, not the document's length). See
+https://docs.trychroma.com/reference/python/collection.
 """
 
 from __future__ import annotations
@@ -43,20 +48,67 @@ class StoreError(Exception):
     """The vector store cannot be reached or refused a request."""
 
 
+#: Metadata fields that describe a chunk's whole document. They are kept current on the
+#: document's head (its ``chunk_index`` 0 record) only; a stored chunk whose other
+#: fields are unchanged is not rewritten when only these change (see
+#: :meth:`IndexedDocument.needs_update`).
+DOCUMENT_FIELDS = frozenset({"doc_hash", "chunk_count", "updated_at", "updated_ts"})
+
+
 @dataclass(frozen=True)
 class IndexedDocument:
-    """What the index holds for one document: its chunk ids and their ``doc_hash``es."""
+    """What the index holds for one document.
+
+    Attributes:
+        doc_id: the document's id.
+        chunk_ids: ids of every chunk stored with this ``doc_id``.
+        heads: ``(doc_hash, chunk_count)`` of each stored record with ``chunk_index`` 0
+            (one when the document's last write completed).
+        metadatas: stored metadata by chunk id.
+    """
 
     doc_id: str
     chunk_ids: frozenset[str]
-    hashes: frozenset[str]
-    chunk_count: int | None
+    heads: frozenset[tuple[str, int | None]]
+    metadatas: Mapping[str, Mapping[str, Any]]
+
+    @property
+    def complete_hash(self) -> str | None:
+        """The ``doc_hash`` of the document's last write when that write completed:
+        exactly one head, and as many chunks as it counts; else ``None``.
+
+        ``flows.embed.write_batch`` writes a batch's new chunks, then replaces metadata
+        (a kept head gets the new ``doc_hash`` and ``chunk_count`` there), then deletes
+        stale chunks. A crash before the end leaves a head with the old hash, two heads
+        (a new head added, the old one not yet deleted), or more or fewer chunks than
+        the head counts; each reads as not current, and the next sync rewrites it.
+        """
+        if len(self.heads) != 1:
+            return None
+        doc_hash, count = next(iter(self.heads))
+        return doc_hash if count == len(self.chunk_ids) else None
 
     def is_current(self, doc_hash: str) -> bool:
-        """True when every chunk carries ``doc_hash`` and none is missing, i.e. the last
-        write of this document completed (a crash mid-write leaves a mix of hashes or
-        fewer chunks than ``chunk_count``)."""
-        return self.hashes == {doc_hash} and self.chunk_count == len(self.chunk_ids)
+        """True when the last write of this document completed and was of ``doc_hash``
+        (see :attr:`complete_hash`)."""
+        return self.complete_hash == doc_hash
+
+    def needs_update(self, chunk_id: str, metadata: Mapping[str, Any],
+                     version_fields: Iterable[str] = ()) -> bool:
+        """Whether the stored chunk ``chunk_id`` must get ``metadata``: always for a head
+        (``chunk_index`` 0) or a chunk not held here, otherwise when a field differs
+        other than :data:`DOCUMENT_FIELDS` and the source's ``version_fields``
+        (``connectors.base.Document.version_fields``): its position, heading, labels,
+        status... Chroma does not store ``None`` values, so those count as absent."""
+        stored = self.metadatas.get(chunk_id)
+        if stored is None or metadata.get("chunk_index") == 0:
+            return True
+        skip = DOCUMENT_FIELDS | frozenset(version_fields)
+        return _chunk_fields(stored, skip) != _chunk_fields(metadata, skip)
+
+
+def _chunk_fields(metadata: Mapping[str, Any], skip: frozenset[str]) -> dict[str, Any]:
+    return {k: v for k, v in metadata.items() if k not in skip and v is not None}
 
 
 @dataclass(frozen=True)
@@ -184,20 +236,21 @@ class ChromaStore:
         return found
 
     def indexed_documents(self, doc_ids: Iterable[str]) -> dict[str, IndexedDocument]:
-        """What the index holds for each of ``doc_ids`` (absent ids are left out)."""
+        """What the index holds for each of ``doc_ids`` (absent ids are left out): every
+        chunk's metadata, read ``LOOKUP_BATCH`` documents per request."""
         doc_ids = list(dict.fromkeys(doc_ids))
-        acc: dict[str, tuple[set[str], set[str], int | None]] = {}
+        acc: dict[str, tuple[dict[str, dict[str, Any]], set[tuple[str, int | None]]]] = {}
         col = self.collection()
         for part in _batches(doc_ids, LOOKUP_BATCH):
             res = col.get(where={"doc_id": {"$in": doc_ids[part]}}, include=["metadatas"])
             for cid, meta in zip(res["ids"], res["metadatas"], strict=True):
-                ids, hashes, count = acc.setdefault(meta["doc_id"], (set(), set(), None))
-                ids.add(cid)
-                hashes.add(str(meta.get("doc_hash")))
-                acc[meta["doc_id"]] = (ids, hashes, meta.get("chunk_count", count))
-        return {
-            d: IndexedDocument(d, frozenset(ids), frozenset(h), c) for d, (ids, h, c) in acc.items()
-        }
+                metas, heads = acc.setdefault(meta["doc_id"], ({}, set()))
+                metas[cid] = meta
+                if meta.get("chunk_index") == 0:
+                    count = meta.get("chunk_count")
+                    heads.add((str(meta.get("doc_hash")), None if count is None else int(count)))
+        return {d: IndexedDocument(d, frozenset(metas), frozenset(heads), metas)
+                for d, (metas, heads) in acc.items()}
 
     def iter_metadata(self, where: Mapping[str, Any] | None = None,
                       page: int = 5000) -> Iterator[tuple[str, dict[str, Any]]]:

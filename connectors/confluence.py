@@ -123,6 +123,9 @@ EXPAND = ("body.storage,version,space,ancestors,metadata.labels,history,containe
           "extensions")
 #: CQL's date format (minute precision), in the querying user's time zone.
 CQL_DATE = "%Y-%m-%d %H:%M"
+#: Metadata that changes with every version of a page or attachment
+#: (``Document.version_fields``).
+VERSION_FIELDS = frozenset({"version", "last_modifier", "updated", "file_size"})
 #: The source error when no configured space can be read (a wrong base_url looks the same).
 NO_SPACE_READABLE = ("no configured space can be read (check the space keys, the account's "
                      "access and base_url)")
@@ -847,6 +850,7 @@ class ConfluenceConnector:
             id=doc_id, source=self.name, source_type=self.source_type, title=title, text=text,
             url=self._page_url(item, base), updated_at=updated, format="markdown",
             metadata=self._metadata(item, cid, version, updated),
+            version_fields=VERSION_FIELDS,
         )
 
     @staticmethod
@@ -938,6 +942,7 @@ class ConfluenceConnector:
                 "last_modifier": ((version.get("by") or {}).get("displayName")),
                 "version": version.get("number"), "updated": updated,
             },
+            version_fields=VERSION_FIELDS,
         )
 
     # ----------------------------------------------------------------------- list

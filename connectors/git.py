@@ -69,6 +69,8 @@ SPECIAL_FILENAMES = {"dockerfile": "dockerfile", "makefile": "make", "jenkinsfil
 
 #: git's binary heuristic: a NUL byte in the first 8,000 bytes (xdiff-interface.c).
 BINARY_SNIFF_BYTES = 8000
+#: Metadata that changes with every commit of a file (``Document.version_fields``).
+VERSION_FIELDS = frozenset({"last_commit", "last_commit_date", "size_bytes"})
 
 
 def classify_path(path: str) -> tuple[str, str | None]:
@@ -317,6 +319,7 @@ class GitConnector:
                 "last_commit_date": datetime.fromtimestamp(last_ts, UTC),
                 "size_bytes": len(data),
             },
+            version_fields=VERSION_FIELDS,
         )
 
     def _url(self, path: str, commit_sha: str) -> str:

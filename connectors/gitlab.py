@@ -98,6 +98,7 @@ from connectors.base import (
 )
 from connectors.git import GitConnector, GitSourceOptions
 from transforms.gitlab import (
+    ITEM_VERSION_FIELDS,
     api_time,
     is_confidential,
     issue_text,
@@ -575,6 +576,7 @@ class GitLabConnector:
                 updated_at=parse_time(attrs.get("updated_at")) or now_utc(), format="markdown",
                 metadata=item_metadata(attrs, project.path, kind,
                                        self.options.include_confidential),
+                version_fields=ITEM_VERSION_FIELDS,
             )
         except GitlabAuthenticationError as exc:
             raise ConnectorError(self._message(f"cannot read {ref}", exc)) from None

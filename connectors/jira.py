@@ -101,6 +101,9 @@ SEARCH_FIELDS = [
 ]
 #: Most keys asked for per page when listing (Jira caps it lower where it must).
 LIST_PAGE_SIZE = 1000
+#: Metadata that changes with every edit or comment of an issue
+#: (``Document.version_fields``).
+VERSION_FIELDS = frozenset({"updated", "comment_count"})
 #: The Server/DC "Epic Link" field (a custom field whose id differs per site).
 EPIC_LINK_SCHEMA = "com.pyxis.greenhopper.jira:gh-epic-link"
 _ORDER_BY = re.compile(r"\border\s+by\b", re.I)
@@ -399,6 +402,7 @@ class JiraConnector:
                 "linked_issues": sorted({other for _, other in links}) or None,
                 "comment_count": len(comments),
             },
+            version_fields=VERSION_FIELDS,
         )
 
     def _read_issue(self, raw: Mapping[str, Any]) -> Document | DocumentIssue:

@@ -5,8 +5,10 @@ GPU work pool.
 in this order: embed (no writes), the lexical index (add, delete), then Chroma (add new
 chunks, replace metadata of kept chunks, delete stale chunks). Chroma is the source of
 truth and is written last, so a crash between any two steps leaves each document either
-complete or detectably incomplete in Chroma (mixed ``doc_hash``es, or fewer chunks than
-``chunk_count``), and the next sync rewrites it in both indexes.
+complete or detectably incomplete in Chroma (its head, the ``chunk_index`` 0 record,
+with the old ``doc_hash``, two heads, or another number of chunks than the head's
+``chunk_count``: ``connectors.chroma.IndexedDocument.complete_hash``), and the next sync
+rewrites it in both indexes.
 
 Where it runs is ``embedding.mode``:
 

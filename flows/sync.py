@@ -283,7 +283,12 @@ def fetch_page(reader: PageReader) -> Page | None:
 
 
 def chunk_metadata(doc: Document, doc_hash: str, chunk: Chunk, chunk_count: int) -> dict[str, Any]:
-    """The metadata stored with a chunk: the document's own fields plus kbsync's."""
+    """The metadata stored with a chunk: the document's own fields plus kbsync's.
+
+    The document-wide ones (``connectors.chroma.DOCUMENT_FIELDS``: ``doc_hash``,
+    ``chunk_count``, ``updated_at``, ``updated_ts``) stay current on the document's head
+    (chunk 0); a kept chunk elsewhere in the document keeps those of the version that
+    last wrote it (:func:`plan_page` rewrites it only when its own fields change)."""
     return {
         **doc.metadata,
         "doc_id": doc.id,
@@ -333,6 +338,8 @@ class PagePlan:
             waits until this page is written).
         counts_delta: (documents, chunks) the page adds to its source's count in the
             index once written (negative when it removes more).
+        reused: chunks of changed documents that the index already holds (kept, not
+            embedded; ``batch.update_ids`` lists those whose metadata is rewritten).
     """
 
     page: Page
@@ -341,6 +348,7 @@ class PagePlan:
     skipped: list[DocumentIssue]
     doc_ids: set[str]
     counts_delta: tuple[int, int] = (0, 0)
+    reused: int = 0
 
 
 def plan_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> PagePlan:
@@ -389,13 +397,18 @@ def plan_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> PagePlan:
     all_ids = [c.id for _, _, chunks, _ in planned for c in chunks]
     with summary.timed("write"):
         existing = store.existing_ids(all_ids) if all_ids else set()
+    reused = 0
     for doc, doc_hash, chunks, before in planned:
         for chunk in chunks:
             meta = chunk_metadata(doc, doc_hash, chunk, len(chunks))
-            if chunk.id in existing:
-                batch.update(chunk.id, meta)
-            else:
+            if chunk.id not in existing:
                 batch.add(chunk.id, chunk.text, meta)
+                continue
+            reused += 1
+            # a kept chunk is rewritten only when more than its document's fields changed
+            # (the head always is: it is the document's record, connectors.chroma)
+            if before is None or before.needs_update(chunk.id, meta, doc.version_fields):
+                batch.update(chunk.id, meta)
         if before is not None:
             batch.delete_ids.extend(before.chunk_ids - {c.id for c in chunks})
             summary.documents_updated += 1
@@ -409,7 +422,7 @@ def plan_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> PagePlan:
             summary.chunks_deleted += len(before.chunk_ids)
     return PagePlan(page, batch, failures, skipped,
                     {d.id for d in documents} | set(gone_ids) | {i.doc_id for i in page.issues},
-                    _counts_delta(planned, set(gone_ids), indexed))
+                    _counts_delta(planned, set(gone_ids), indexed), reused)
 
 
 def _counts_delta(planned: list[tuple[Document, str, list[Chunk], IndexedDocument | None]],
@@ -564,7 +577,7 @@ class BatchWriter:
                                   counts_delta=delta)
         summary.chunks_embedded += len(batch.add_ids)
         summary.tokens_embedded += sum(map(self.pipeline.tokenizer.count_tokens, batch.add_texts))
-        summary.chunks_reused += len(batch.update_ids)
+        summary.chunks_reused += sum(p.reused for p in group)
         summary.chunks_deleted += len(batch.delete_ids)
 
 

@@ -450,6 +450,34 @@ def test_sync_then_new_comment_embeds_only_the_changed_chunks(httpserver, tmp_pa
         "2024-04-20T08:00:00.000+00:00"
 
 
+def test_a_relabelled_issue_gets_its_labels_on_every_chunk(httpserver, tmp_path):
+    """Labels are filtered on, so every chunk of an issue carries the current ones; its
+    ``updated`` (a version field, ``connectors.jira.VERSION_FIELDS``) is current on its
+    head."""
+    issues = server_issues()
+    plat1 = next(i for i in issues if i["key"] == "PLAT-1")
+    plat1["fields"]["description"] = "\n\n".join(
+        f"Step {n}: the gateway rejects refresh tokens issued by the old auth node {n}; "
+        f"restart sequence {n} must drain sessions before the token store is flushed."
+        for n in range(60))
+    fake = FakeJira(httpserver, issues)
+    settings = jira_settings(tmp_path, fake)
+    sync(settings)
+    plat1["fields"]["labels"] = ["auth", "gateway", "incident"]
+    plat1["fields"]["updated"] = "2024-04-21T10:00:00.000+0000"
+    fake.put(plat1)
+
+    second = sync(settings)
+    assert second["documents_updated"] == 1
+    client = chromadb.PersistentClient(path=str(settings.chroma_path))
+    metas = client.get_collection(settings.chroma.collection).get(
+        where={"issue_key": "PLAT-1"}, include=["metadatas"])["metadatas"]
+    assert len(metas) >= 3
+    assert {m["labels"] for m in metas} == {"auth,gateway,incident"}
+    head = next(m for m in metas if m["chunk_index"] == 0)
+    assert head["updated"].startswith("2024-04-21T10:00") and head["chunk_count"] == len(metas)
+
+
 def test_deleted_issue_is_removed_by_reconciliation(httpserver, tmp_path):
     fake = FakeJira(httpserver, server_issues())
     settings = jira_settings(tmp_path, fake)

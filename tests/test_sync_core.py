@@ -97,6 +97,88 @@ def test_an_edit_re_embeds_only_the_changed_chunks(make_repo, index):
     assert result.chunks_reused == len(after & before)
 
 
+def test_an_edit_rewrites_only_the_chunks_it_changes(make_repo, index):
+    """Appending a paragraph adds a chunk and rewrites the head (the document's record:
+    its new ``doc_hash`` and ``chunk_count``); the kept chunks are not rewritten for the
+    document's new hash, and the document reads as current afterwards."""
+    text = long_markdown(sections=4)
+    repo = make_repo({"guide.md": text})
+    index(repo)
+    col = index.store.collection()
+    old = {cid: m for cid, m in zip(*(lambda r: (r["ids"], r["metadatas"]))(
+        col.get(include=["metadatas"])), strict=True)}
+    old_hash = next(m["doc_hash"] for m in old.values() if m["chunk_index"] == 0)
+    repo.commit({"guide.md": text + "\nA closing paragraph about the new on-call rota.\n"})
+
+    result = index(repo)
+    res = col.get(include=["metadatas"])
+    new = dict(zip(res["ids"], res["metadatas"], strict=True))
+    head = next(m for m in new.values() if m["chunk_index"] == 0)
+    assert head["doc_hash"] != old_hash and head["chunk_count"] == len(new)
+    kept = set(old) & set(new)
+    assert result.chunks_reused == len(kept) and result.chunks_embedded == len(new) - len(kept)
+    rewritten = {cid for cid in kept if new[cid]["doc_hash"] != old_hash}
+    assert rewritten == {cid for cid in kept if new[cid]["chunk_index"] == 0}
+    assert sorted(m["chunk_index"] for m in new.values()) == list(range(len(new)))
+
+    again = index(repo, full=True)
+    assert again.documents_unchanged == 1 and again.chunks_embedded == 0
+
+
+def test_an_insertion_rewrites_the_chunks_it_moves(make_repo, index):
+    """Text inserted at the top moves every later chunk: each kept chunk gets its new
+    position (the index never holds two chunks at one position of a document)."""
+    text = long_markdown(sections=3)
+    repo = make_repo({"guide.md": text})
+    index(repo)
+    repo.commit({"guide.md": "Read this first: the handbook moved to the new wiki space.\n\n"
+                 + text})
+
+    result = index(repo)
+    metas = index.store.collection().get(include=["metadatas"])["metadatas"]
+    assert sorted(m["chunk_index"] for m in metas) == list(range(len(metas)))
+    assert result.chunks_reused >= 1
+    assert index(repo, full=True).documents_unchanged == 1
+
+
+@pytest.mark.parametrize("crash", ["head not rewritten", "old head not deleted",
+                                   "stale chunk not deleted"])
+def test_an_edit_cut_short_in_chroma_reads_as_not_current(make_repo, index, crash):
+    """The index as a crash inside ``flows.embed.write_batch`` leaves it (new chunks are
+    added first, then the kept head's metadata is replaced, then stale chunks deleted):
+    the next sync rewrites the document, and then it is current."""
+    text = long_markdown(sections=3)
+    repo = make_repo({"guide.md": text})
+    index(repo)
+    col = index.store.collection()
+    old = col.get(include=["metadatas", "documents", "embeddings"])
+    if crash == "old head not deleted":  # the first chunk changes: a new head is added
+        edited = text.replace("Paragraph 0 about replication in section 0.",
+                              "Paragraph 0 about replication in section 0, revised.")
+    else:  # an appended paragraph: the head is kept, the last chunk replaced
+        edited = text + "\nA closing paragraph about the new on-call rota.\n"
+    repo.commit({"guide.md": edited})
+    index(repo)
+    new_ids = set(col.get()["ids"])
+    new_head = col.get(where={"chunk_index": 0})["ids"]
+    old_head = old["ids"][[m["chunk_index"] for m in old["metadatas"]].index(0)]
+    gone = [i for i, cid in enumerate(old["ids"]) if cid not in new_ids]
+
+    if crash == "head not rewritten":
+        assert new_head == [old_head]
+        col.update(ids=[old_head], metadatas=[old["metadatas"][old["ids"].index(old_head)]])
+    else:
+        want_head = crash == "old head not deleted"
+        i = next(i for i in gone if (old["ids"][i] == old_head) == want_head)
+        col.add(ids=[old["ids"][i]], embeddings=[old["embeddings"][i]],
+                documents=[old["documents"][i]], metadatas=[old["metadatas"][i]])
+
+    repaired = index(repo, full=True)
+    assert repaired.documents_updated == 1 and repaired.chunks_embedded == 0
+    assert set(col.get()["ids"]) == new_ids
+    assert index(repo, full=True).documents_unchanged == 1
+
+
 def test_a_deleted_document_leaves_the_index(make_repo, index):
     repo = make_repo({"a.md": "# A\n\nalpha text\n", "b.md": "# B\n\nbravo text\n"})
     index(repo)

@@ -31,6 +31,9 @@ from typing import Any
 
 #: Wiki ``format`` values that are Markdown (GitLab: markdown, rdoc, asciidoc, org).
 MARKDOWN_WIKI_FORMATS = {"markdown"}
+#: Metadata of an issue or merge request that changes with every edit or note
+#: (``connectors.base.Document.version_fields``).
+ITEM_VERSION_FIELDS = frozenset({"updated_at"})
 
 
 def parse_time(value: str | None) -> datetime | None:
