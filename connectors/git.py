@@ -135,6 +135,8 @@ class GitConnector:
         self._include = PathSpec.from_lines("gitwildmatch", options.include or ["**"])
         self._exclude = PathSpec.from_lines("gitwildmatch", options.exclude or [])
         self._repo: git.Repo | None = None
+        #: directory trees of one commit already parsed: ``(commit sha, folder) -> Tree``
+        self._trees: dict[tuple[str, str], git.Tree] = {}
 
     # ----------------------------------------------------------------- repository
 
@@ -268,10 +270,28 @@ class GitConnector:
             proc.proc.wait() if proc.proc is not None else None
         return found
 
+    def _entry(self, commit: git.Commit, path: str) -> git.Blob | git.Tree | git.Submodule:
+        """``commit.tree / path``, remembering the folder's tree: GitPython parses every
+        tree object on the way on each lookup, so reading the files of one folder would
+        parse it once per file. Only the last commit's trees are kept.
+
+        Raises:
+            KeyError: nothing at ``path`` in ``commit``.
+        """
+        folder, _, name = path.rpartition("/")
+        key = (commit.hexsha, folder)
+        tree = self._trees.get(key)
+        if tree is None:
+            if any(sha != commit.hexsha for sha, _ in self._trees):
+                self._trees.clear()
+            tree = commit.tree / folder if folder else commit.tree
+            self._trees[key] = tree
+        return tree / name
+
     def _read(self, commit: git.Commit, path: str) -> tuple[bytes | None, DocumentIssue | None]:
         doc_id = self._doc_id(path)
         try:
-            obj = commit.tree / path
+            obj = self._entry(commit, path)
         except KeyError:
             return None, DocumentIssue(doc_id, "not found at the commit", "failed", path)
         if obj.type != "blob":
