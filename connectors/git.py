@@ -69,6 +69,8 @@ SPECIAL_FILENAMES = {"dockerfile": "dockerfile", "makefile": "make", "jenkinsfil
 
 #: git's binary heuristic: a NUL byte in the first 8,000 bytes (xdiff-interface.c).
 BINARY_SNIFF_BYTES = 8000
+#: Git's file mode of a submodule entry (a gitlink): https://git-scm.com/docs/gitsubmodules
+SUBMODULE_MODE = 0o160000
 #: Metadata that changes with every commit of a file (``Document.version_fields``).
 VERSION_FIELDS = frozenset({"last_commit", "last_commit_date", "size_bytes"})
 
@@ -137,6 +139,8 @@ class GitConnector:
         self._repo: git.Repo | None = None
         #: directory trees of one commit already parsed: ``(commit sha, folder) -> Tree``
         self._trees: dict[tuple[str, str], git.Tree] = {}
+        #: the blobs of the last planned diff, by path (no tree lookup to read them)
+        self._blobs: dict[str, git.Blob] = {}
 
     # ----------------------------------------------------------------- repository
 
@@ -291,7 +295,7 @@ class GitConnector:
     def _read(self, commit: git.Commit, path: str) -> tuple[bytes | None, DocumentIssue | None]:
         doc_id = self._doc_id(path)
         try:
-            obj = self._entry(commit, path)
+            obj = self._blobs.get(path) or self._entry(commit, path)
         except KeyError:
             return None, DocumentIssue(doc_id, "not found at the commit", "failed", path)
         if obj.type != "blob":
@@ -353,7 +357,9 @@ class GitConnector:
     # -------------------------------------------------------------------- protocol
 
     def _plan(self, request: FetchRequest, target: git.Commit) -> list[tuple[str, str]]:
-        """The sorted work list ``[(path, "read" | "delete")]`` for a request."""
+        """The sorted work list ``[(path, "read" | "delete")]`` for a request. A diff's
+        blobs at ``target`` are remembered for :meth:`_read` (``self._blobs``)."""
+        self._blobs = {}
         repo = self.repo()
         if request.is_backfill:
             args = ["--name-only", "-z", "--no-renames", "--format=", target.hexsha]
@@ -378,6 +384,8 @@ class GitConnector:
                 plan[diff.a_path] = "delete"
             else:
                 plan[diff.b_path] = "read"
+                if diff.b_mode != SUBMODULE_MODE:  # a submodule's "blob" is a commit
+                    self._blobs[diff.b_path] = diff.b_blob
         return sorted((p, action) for p, action in plan.items() if self.eligible(p))
 
     def fetch(self, request: FetchRequest, checkpoint: Checkpoint | None = None) -> Iterator[Page]:

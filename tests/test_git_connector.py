@@ -213,3 +213,30 @@ def test_list_ids_and_web_url_template(make_repo, tmp_path):
 ])
 def test_classify_path(path, expected):
     assert classify_path(path) == expected
+
+
+@pytest.mark.parametrize("incremental", [False, True], ids=["first read", "diff"])
+def test_symlinks_and_submodules_are_skipped_and_files_in_folders_read(
+        make_repo, tmp_path, incremental):
+    """A symbolic link and a submodule (gitlink) are skipped with a reason, on a first
+    read (tree lookups) and on an incremental one (the diff's own blobs); files in
+    nested folders are read whole either way."""
+    repo = make_repo({"README.md": "# Hello\n\nSome text.\n"})
+    conn = connector(repo.path, tmp_path)
+    cursor = read_all(conn)[0][-1].cursor if incremental else None
+    repo.commit({"docs/a/one.md": "one\n", "docs/a/two.md": "two\n", "docs/b/three.md": "3\n"})
+    g = git.Repo(repo.path)
+    (repo.path / "link.md").symlink_to("README.md")
+    g.git.add("link.md")
+    g.git.update_index("--add", "--cacheinfo", f"160000,{g.head.commit.hexsha},vendored")
+    g.index.write()
+    g.git.commit("-m", "link and submodule")
+
+    request = FetchRequest(cursor=cursor) if incremental else FetchRequest()
+    pages, docs, deletions, issues = read_all(connector(repo.path, tmp_path), request)
+    assert {d: docs[d].text for d in docs if d.startswith("code:docs/")} == {
+        "code:docs/a/one.md": "one\n", "code:docs/a/two.md": "two\n",
+        "code:docs/b/three.md": "3\n"}
+    assert issues["code:link.md"].kind == "skipped" and "link" in issues["code:link.md"].reason
+    assert "code:vendored" not in docs
+    assert pages[-1].cursor == {"commit": g.head.commit.hexsha}
