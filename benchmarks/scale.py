@@ -251,6 +251,8 @@ def measure(size: int, args) -> dict[str, Any]:
         out["edit_1pct_s"] = round(wall, 2)
         out["edit_1pct_files"] = n
         out["edit_1pct_chunks_embedded"] = summary["chunks_embedded"]
+        out["edit_1pct_chunks_kept"] = summary["chunks_reused"]  # not re-embedded
+        out["edit_1pct_stages"] = summary["seconds"]
         edit_files(repo, rels[len(rels) // 2:], 1 / len(rels), 2)  # one file, whatever the size
         summary, wall = sync()
         out["edit_1file_s"] = round(wall, 2)
@@ -346,9 +348,10 @@ def main() -> None:
         lo, hi = results[sizes[0]], results[sizes[-1]]
         rows = [(f"{k}: {lo[k]} -> {hi[k]}", f"{hi[k] / lo[k]:.2f}x" if lo[k] else "n/a")
                 for k in GROWTH]
-        # the 1% edit opens the index, so it pays chroma_open_s once per process
-        edit = [r["edit_1pct_s"] - r["chroma_open_s"] for r in (lo, hi)]
-        rows.append((f"edit_1pct_s minus chroma_open_s: {edit[0]:.2f} -> {edit[1]:.2f}",
+        # the edit's own work (read, chunk, write), without the flow run's start and end;
+        # the index is already open in this process (chromadb keeps one system per path)
+        edit = [r["edit_1pct_stages"].get("total", 0.0) for r in (lo, hi)]
+        rows.append((f"edit_1pct body (sync stages): {edit[0]:.2f} -> {edit[1]:.2f}",
                      f"{edit[1] / edit[0]:.2f}x" if edit[0] > 0 else "n/a"))
         rows.insert(0, ("chunks", f"{lo['chunks']} -> {hi['chunks']} "
                                   f"({hi['chunks'] / lo['chunks']:.0f}x)"))
