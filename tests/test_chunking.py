@@ -161,3 +161,59 @@ def test_a_renamed_outer_heading_gives_new_ids_for_unchanged_embedded_text(count
     assert [c.text for c in before][1:] == [c.text for c in after][1:]  # embedded: same
     # ...but the lexical index must learn the new heading, so the chunks are rewritten
     assert not {c.id for c in before} & {c.id for c in after}
+
+
+# ------------------------------------------------ chunking version 3: fewer tokens, same words
+
+MARKUP = (
+    "# Tables and Data<a name=\"AppendixSampleTables\"></a>\n\n"
+    "The guide uses sample tables in DynamoDB\\. See *PostedBy\\-Message\\-Index* \\(a GSI\\)\\.\n\n"
+    "| Name | Value |\n| --- | --- |\n| a \\| b | `x\\_y` |\n\n"
+    "```\nC:\\\\data\\_dir <a name=\"kept\"></a>\n```\n\n"
+    "## Install {#install}\n\nRun it\\.\n"
+)
+
+
+def test_markup_with_no_words_is_dropped_and_code_is_kept(counter, config):
+    chunks = chunk_document("d", MARKUP, fmt="markdown", title="guide.md", config=config,
+                            counter=counter)
+    assert [c.heading for c in chunks] == ["Tables and Data", "Tables and Data > Install"]
+    first, second = chunks[0].text, chunks[1].text
+    assert first.startswith("guide > Tables and Data\n\n")
+    assert "in DynamoDB. See *PostedBy-Message-Index* (a GSI)." in first  # escapes dropped
+    assert "| a \\| b | `x\\_y` |" in first  # a table's escaped pipe and inline code kept
+    assert "```\nC:\\\\data\\_dir <a name=\"kept\"></a>\n```" in first  # code block untouched
+    assert "AppendixSampleTables" not in first  # the heading's empty anchor is gone
+    assert second == "guide > Install\n\nRun it."  # no {#id}, no escape
+
+
+def test_overlap_only_where_a_cut_falls_inside_a_block(counter):
+    config = ChunkingConfig(max_tokens=80, overlap_tokens=24)
+    paragraphs = [f"Paragraph {i}: service {i} uses bucket {i}." for i in range(30)]
+    long_block = " ".join(f"Sentence {i} of the long paragraph explains step {i}."
+                          for i in range(30))
+    text = "\n\n".join([*paragraphs, long_block])
+    bodies = [body for _, body in split_text(text, fmt="text", language=None, config=config,
+                                             counter=counter)]
+    packed = [b for b in bodies if b.startswith("Paragraph")]
+    cut = [b for b in bodies if b.startswith("Sentence") or "of the long" in b]
+    assert len(packed) >= 3 and len(cut) >= 3
+    # whole paragraphs are packed with none repeated across a cut between them
+    assert [p for b in packed for p in b.split("\n\n")] == paragraphs
+    # the long paragraph's pieces repeat text across each cut inside it: each starts
+    # with words the one before it ends with
+    for before, after in zip(cut, cut[1:]):
+        assert " ".join(after.split()[:4]) in before
+    assert sum(len(b.split()) for b in cut) > len(long_block.split())
+
+
+def test_a_language_langchain_does_not_cut_is_cut_as_text(counter):
+    # Language.PERL is a member of langchain's enum with no separators (it raises)
+    perl = "\n\n".join(f"sub handler_{i} {{\n    my ($x) = @_;\n    return $x * {i};\n}}"
+                       for i in range(40))
+    config = ChunkingConfig(max_tokens=64, overlap_tokens=8)
+    pieces = split_text(perl, fmt="code", language="perl", config=config, counter=counter,
+                        title="lib/Handlers.pm")
+    assert len(pieces) > 3
+    assert all(counter(text) <= 64 for _, text in pieces)
+    assert "".join(text.split("\n\n", 1)[1] for _, text in pieces).count("sub handler_") == 40

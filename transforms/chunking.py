@@ -6,6 +6,13 @@
 * Code is split with ``RecursiveCharacterTextSplitter.from_language`` for the language.
 * Anything else is split recursively on paragraphs, lines, words.
 
+Whole blocks (paragraphs, lists, tables, fenced examples, functions) are packed into a
+chunk with no overlap; only a block longer than the budget is cut inside, with
+``overlap_tokens`` repeated across each cut (LangChain's splitter repeats its overlap
+across every cut, even between two paragraphs). Markdown loses the markup that carries no
+words before it is cut (:func:`drop_wordless_markup`: empty HTML anchors, backslash
+escapes, ``{#id}`` heading ids; code untouched).
+
 Every chunk's text starts with a short context line (document name and nearest heading,
 ``transforms.context.context_lines``), so a chunk deep in a page still says what it is
 about; that line counts against the token budget. The lexical index reads the full
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -45,7 +53,9 @@ HEADERS = [("#", "h1"), ("##", "h2"), ("###", "h3"), ("####", "h4")]
 #: (it is in every document hash, so an index cut by another version is re-chunked).
 #: 2: short embedded context line (name > nearest heading), bodies cut as under the full
 #: one; ids also hash the full context.
-ALGORITHM_VERSION = 2
+#: 3: markup with no words is dropped (empty HTML anchors, backslash escapes, ``{#id}``
+#: heading ids; code untouched); overlap only where a cut falls inside a block.
+ALGORITHM_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -55,7 +65,8 @@ class ChunkingConfig:
     Attributes:
         max_tokens: most tokens in one chunk's text, context line included. Set it to
             the model's ``max_seq_length`` minus its special tokens.
-        overlap_tokens: tokens repeated between consecutive chunks of one section.
+        overlap_tokens: tokens repeated across a cut inside one block (a paragraph, a
+            list, a code block longer than a chunk); none across a cut between blocks.
     """
 
     max_tokens: int = 254
@@ -103,34 +114,145 @@ def chunk_id(doc_id: str, text: str, occurrence: int = 0) -> str:
     return digest[:32]
 
 
+#: An HTML anchor with no content (``<a name="x"></a>``, ``<a id='x'/>``): a link target
+#: that renders as nothing (the AWS docs end every heading with one).
+_EMPTY_ANCHOR = re.compile(
+    r"""<a\s+(?:name|id)\s*=\s*(?:"[^"]*"|'[^']*')\s*(?:/>|>\s*</a>)""", re.IGNORECASE)
+#: A backslash escape of ASCII punctuation (CommonMark 0.31.2, section 2.4
+#: https://spec.commonmark.org/0.31.2/#backslash-escapes), except ``\|``: inside a table
+#: cell it is what keeps the pipe from splitting the cell.
+_ESCAPE = re.compile(r"\\([!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{}~])")
+#: A heading's explicit id at its end (``## Install {#install}``: Pandoc, markdown-it-attrs,
+#: Diplodoc/YFM).
+_HEADING_ID = re.compile(r"\s*\{#[^}\s]*\}\s*$")
+_HEADING_LINE = re.compile(r"^ {0,3}#{1,6}\s")
+#: A code fence, at any indentation (fences inside list items are indented).
+_FENCE = re.compile(r"^\s*(`{3,}|~{3,})")
+#: An inline code span (CommonMark 6.1: a backtick run closed by a run of equal length).
+_CODE_SPAN = re.compile(r"(`+)(?!`).*?(?<!`)\1(?!`)")
+#: An indented line that is a list item (prose), not an indented code block.
+_LIST_ITEM = re.compile(r"^\s*(?:[-+*]|\d{1,9}[.)])\s")
+
+
+def _prose_without_markup(text: str) -> str:
+    """``text`` (prose, no code) without empty anchors and backslash escapes."""
+    return _ESCAPE.sub(r"\1", _EMPTY_ANCHOR.sub("", text))
+
+
+def _line_without_markup(line: str) -> str:
+    """A Markdown line outside code blocks without wordless markup; its inline code
+    spans are kept as they are."""
+    if _HEADING_LINE.match(line):
+        end = len(line) - len(line.rstrip("\r\n"))
+        line = _HEADING_ID.sub("", line[:len(line) - end]) + line[len(line) - end:]
+    parts, pos = [], 0
+    for span in _CODE_SPAN.finditer(line):
+        parts += [_prose_without_markup(line[pos:span.start()]), span.group(0)]
+        pos = span.end()
+    parts.append(_prose_without_markup(line[pos:]))
+    return "".join(parts)
+
+
+def drop_wordless_markup(text: str) -> str:
+    """Markdown ``text`` without the markup that carries no words, which the embedding
+    model would otherwise be paid to read on every chunk.
+
+    Dropped: empty HTML anchors (``<a name="x"></a>``), backslash escapes of punctuation
+    (``DynamoDB\\.`` -> ``DynamoDB.``; ``\\|`` is kept) and a heading's ``{#id}``. Code is
+    untouched: fenced blocks, inline code spans, and lines indented four or more spaces
+    that are not list items (indented code blocks). On the 300 AWS pages of
+    ``benchmarks/langchain_compare.py`` this markup is about 10% of the model's tokens.
+
+    Args:
+        text: Markdown.
+
+    Returns:
+        The text, line for line (no line is added or removed).
+    """
+    out: list[str] = []
+    fence = ""
+    for line in text.splitlines(keepends=True):
+        opened = _FENCE.match(line)
+        if fence:
+            if opened and opened.group(1)[0] == fence[0] and len(opened.group(1)) >= len(fence) \
+                    and not line[opened.end():].strip():
+                fence = ""
+            out.append(line)
+        elif opened:
+            fence = opened.group(1)
+            out.append(line)
+        elif line.startswith(("    ", "\t")) and not _LIST_ITEM.match(line):
+            out.append(line)
+        else:
+            out.append(_line_without_markup(line))
+    return "".join(out)
+
+
+def heading_text(heading: str) -> str:
+    """A heading's words: without its ``{#id}``, empty anchors and backslash escapes."""
+    return _line_without_markup(f"# {heading}")[2:].strip()
+
+
 def _markdown_sections(text: str) -> list[tuple[str, str]]:
     """Split Markdown by headers into ``(heading path, body)`` pairs, in order.
 
     Code blocks that the splitter returns on their own are merged back into their
-    section so an example stays next to its explanation.
+    section so an example stays next to its explanation. Headings and bodies are without
+    wordless markup (:func:`drop_wordless_markup`, :func:`heading_text`).
     """
     splitter = ExperimentalMarkdownSyntaxTextSplitter(headers_to_split_on=HEADERS,
                                                       strip_headers=True)
     sections: list[tuple[str, str]] = []
     for part in splitter.split_text(text):
         heading = HEADING_SEPARATOR.join(
-            str(part.metadata[key]) for _, key in HEADERS if key in part.metadata
+            heading_text(str(part.metadata[key])) for _, key in HEADERS if key in part.metadata
         )
         if sections and sections[-1][0] == heading:
             sections[-1] = (heading, sections[-1][1] + part.page_content)
         else:
             sections.append((heading, part.page_content))
-    return [(h, body) for h, body in sections if body.strip()]
+    return [(h, drop_wordless_markup(body)) for h, body in sections if body.strip()]
 
 
-@lru_cache(maxsize=64)
-def _splitter(kind: str, chunk_size: int, overlap: int,
-              counter: TokenCounter) -> RecursiveCharacterTextSplitter:
-    kwargs = {"chunk_size": chunk_size, "chunk_overlap": min(overlap, chunk_size // 2),
-              "length_function": counter}
+#: The separators of text with no language: paragraphs, lines, words, characters.
+_TEXT_SEPARATORS = ["\n\n", "\n", " ", ""]
+
+
+def separators(kind: str) -> tuple[list[str], list[str], bool]:
+    """``(block separators, separators inside a block, are regexes)`` for a kind of text.
+
+    The separators are langchain's for the language
+    (``RecursiveCharacterTextSplitter.get_separators_for_language``; headings, code
+    fences and rules for Markdown, ``class``/``def`` for Python, ...), split after the
+    blank line: a *block* is what lies between blank lines or larger boundaries (a
+    paragraph, a list, a table, a fenced example, a function). A language langchain does
+    not cut (``Language.PERL`` has no separators) and plain text get
+    :data:`_TEXT_SEPARATORS`.
+    """
+    seps, regex = _TEXT_SEPARATORS, False
     if kind in {lang.value for lang in Language}:
-        return RecursiveCharacterTextSplitter.from_language(Language(kind), **kwargs)
-    return RecursiveCharacterTextSplitter(**kwargs)
+        try:
+            seps = RecursiveCharacterTextSplitter.get_separators_for_language(Language(kind))
+            regex = True
+        except ValueError:  # a Language member with no separators (langchain raises)
+            pass
+    blank = next((i for i, sep in enumerate(seps) if sep in ("\n\n", r"\n\n")), None)
+    if blank is None:  # no blank-line level: everything above lines is a block boundary
+        return ([sep for sep in seps if sep not in _TEXT_SEPARATORS[1:]],
+                _TEXT_SEPARATORS[1:], regex)
+    return list(seps[:blank + 1]), list(seps[blank + 1:]), regex
+
+
+@lru_cache(maxsize=128)
+def _splitter(kind: str, level: str, chunk_size: int, overlap: int,
+              counter: TokenCounter) -> RecursiveCharacterTextSplitter:
+    """A langchain recursive splitter on ``kind``'s block separators (``level="blocks"``)
+    or on those inside a block (``level="inside"``)."""
+    blocks, inside, regex = separators(kind)
+    return RecursiveCharacterTextSplitter(
+        separators=blocks if level == "blocks" else inside, is_separator_regex=regex,
+        keep_separator=True, chunk_size=chunk_size,
+        chunk_overlap=min(overlap, chunk_size // 2), length_function=counter)
 
 
 def _context_line(title: str, heading: str, counter: TokenCounter, max_tokens: int) -> str:
@@ -198,20 +320,42 @@ def split_text(text: str, *, fmt: str, language: str | None, config: ChunkingCon
 
 
 def _fit(body: str, kind: str, budget: int, overlap: int, counter: TokenCounter) -> list[str]:
-    """Recursively split ``body`` until every piece counts at most ``budget`` tokens.
+    """Cut ``body`` into pieces of at most ``budget`` tokens.
 
-    The recursive splitter adds lengths of pieces, which for word pieces is a close but
-    not exact estimate of the joined text; pieces that still overflow are split again
+    Whole blocks (see :func:`separators`) are packed into pieces with no overlap: a cut
+    between two blocks splits no sentence, so repeating text across it would only cost
+    tokens (LangChain's splitter repeats ``chunk_overlap`` across every cut). A block
+    longer than the budget is cut by :func:`_cut_block`, with ``overlap`` tokens
+    repeated across each cut inside it.
+    """
+    out: list[str] = []
+    for piece in _splitter(kind, "blocks", budget, 0, counter).split_text(body):
+        if not piece.strip():
+            continue
+        if counter(piece) <= budget:
+            out.append(piece)
+        else:
+            out.extend(_cut_block(piece, kind, budget, overlap, counter))
+    return out
+
+
+def _cut_block(block: str, kind: str, budget: int, overlap: int,
+               counter: TokenCounter) -> list[str]:
+    """Cut one block longer than ``budget`` at lines, then words, with ``overlap`` tokens
+    repeated across the cuts.
+
+    The recursive splitter adds the lengths of pieces, which for word pieces is a close
+    but not exact estimate of the joined text; pieces that still overflow are cut again
     with a smaller size.
     """
     out: list[str] = []
-    for piece in _splitter(kind, budget, overlap, counter).split_text(body):
+    for piece in _splitter(kind, "inside", budget, overlap, counter).split_text(block):
         if not piece.strip():
             continue
         if counter(piece) <= budget:
             out.append(piece)
         elif budget > 8:
-            out.extend(_fit(piece, "text", budget * 3 // 4, overlap // 2, counter))
+            out.extend(_cut_block(piece, "text", budget * 3 // 4, overlap // 2, counter))
         else:  # a single unsplittable token run; keep it rather than lose text
             out.append(piece)
     return out
