@@ -202,7 +202,7 @@ def test_overlap_only_where_a_cut_falls_inside_a_block(counter):
     assert [p for b in packed for p in b.split("\n\n")] == paragraphs
     # the long paragraph's pieces repeat text across each cut inside it: each starts
     # with words the one before it ends with
-    for before, after in zip(cut, cut[1:]):
+    for before, after in zip(cut, cut[1:], strict=False):
         assert " ".join(after.split()[:4]) in before
     assert sum(len(b.split()) for b in cut) > len(long_block.split())
 
