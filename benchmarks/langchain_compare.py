@@ -14,12 +14,14 @@ version (a collection each, cosine space):
 * **kbsync**: the real ``sync-source`` flow over a git repository of the same files.
 
 For each: full-sync seconds, chunks, tokens embedded (the model's tokens in the embedded
-texts), mean tokens per chunk; then a no-op re-run (seconds, chunks embedded). The
-model load and the Prefect server start are outside every figure. The sides run one after
-the other: on a shared machine, run both orders (``--kbsync-first``). Retrieval quality
-is ``retrieval.py``'s job.
+texts), mean tokens per chunk; then a no-op re-run (seconds, chunks embedded). Each run
+of a side is a fresh process with the same untimed set-up (model load, a warm-up encode
+of 256 chunk-sized texts, the Prefect server's start), so no side inherits another's
+warm process; the runs go one after the other in ``--order`` (``langchain,kbsync``
+by default; ``langchain,kbsync,kbsync,langchain`` cancels a drift of the machine's speed
+and reports each side's mean). Retrieval quality is ``retrieval.py``'s job.
 
-    .venv/bin/python benchmarks/langchain_compare.py [--files 300]
+    .venv/bin/python benchmarks/langchain_compare.py [--files 300] [--order ...]
 
 API relied on: https://python.langchain.com/api_reference/core/indexing/
 langchain_core.indexing.api.index.html (``index`` calls ``vector_store.add_documents(docs,
@@ -29,7 +31,11 @@ ids=..., batch_size=...)`` and ``vector_store.delete(ids)``).
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,6 +53,10 @@ from common import (
     warm_up_prefect,
     write_json,
 )
+
+SIDES = ("langchain", "kbsync")
+#: The figures each run reports, averaged per side.
+FIGURES = ("full_sync_s", "chunks", "tokens_embedded", "noop_s", "noop_chunks_embedded")
 
 
 def langchain_side(files: dict[str, Path], embedder, path: Path, chunk_tokens: int,
@@ -129,47 +139,104 @@ def kbsync_side(files: dict[str, Path], work: Path) -> dict[str, Any]:
             "stages_s": full["seconds"]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--files", type=int, default=300)
-    parser.add_argument("--lc-chunk-tokens", type=int, default=200)
-    parser.add_argument("--lc-overlap", type=int, default=30)
-    parser.add_argument("--realdata", type=Path, default=DEFAULT_REALDATA)
-    parser.add_argument("--kbsync-first", action="store_true",
-                        help="run kbsync's side first (the machine's load drifts: run both orders)")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+def warm_up(embedder, files: dict[str, Path], texts: int = 256) -> float:
+    """Encode ``texts`` chunk-sized pieces of the first pages, untimed, so that neither
+    side pays the process's first encodes (torch's first calls at each batch shape are
+    slower); returns its seconds."""
+    from langchain_text_splitters import RecursiveCharacterTextSplitter
 
+    splitter = RecursiveCharacterTextSplitter.from_huggingface_tokenizer(
+        embedder.model.tokenizer, chunk_size=240, chunk_overlap=0)
+    pieces: list[str] = []
+    for path in files.values():
+        pieces += splitter.split_text(path.read_text(encoding="utf-8", errors="replace"))
+        if len(pieces) >= texts:
+            break
+    start = time.perf_counter()
+    embedder.encode(pieces[:texts])
+    return time.perf_counter() - start
+
+
+def one_side(side: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One side's full and no-op syncs in this process, after the same untimed set-up
+    for both: the model loaded and warmed up (:func:`warm_up`), Prefect started."""
     from flows.settings import Settings
     from transforms.embedding import load_embedder
 
     work = Path(tempfile.mkdtemp(prefix="kbsync-bench-langchain-"))
     try:
         files = pick(corpus_files(aws_corpus(args.realdata, work / "corpus")), args.files)
-        embedder = load_embedder(Settings(data_dir=work).embedding.spec())  # shared, untimed
-        embedder.encode(["warm up"])
+        embedder = load_embedder(Settings(data_dir=work).embedding.spec())  # the flow's too
+        warm_s = warm_up(embedder, files)
         warm_up_prefect()
-        sides = {"langchain": lambda: langchain_side(files, embedder, work / "lc-chroma",
-                                                     args.lc_chunk_tokens, args.lc_overlap),
-                 "kbsync": lambda: kbsync_side(files, work / "kbsync")}
-        order = ["kbsync", "langchain"] if args.kbsync_first else ["langchain", "kbsync"]
-        results = {"files": len(files), "model": embedder.name, "device": embedder.device,
-                   "order": order, **{side: sides[side]() for side in order}}
-        lc, kb = results["langchain"], results["kbsync"]
-        rows = []
-        for key in ("full_sync_s", "chunks", "tokens_embedded", "noop_s", "noop_chunks_embedded"):
-            ratio = f"{kb[key] / lc[key]:.2f}x" if lc[key] else "n/a"
-            rows.append((f"{key}: kbsync / langchain", f"{kb[key]} / {lc[key]} ({ratio})"))
-        rows.append(("mean tokens per chunk: kbsync / langchain",
-                     f"{kb['tokens_embedded'] / kb['chunks']:.0f} / "
-                     f"{lc['tokens_embedded'] / lc['chunks']:.0f}"))
-        rows.append(("target: kbsync full sync <= langchain",
-                     "met" if kb["full_sync_s"] <= lc["full_sync_s"] else "missed"))
-        print_table(f"kbsync vs LangChain index() ({len(files)} AWS docs, {embedder.device})",
-                    rows)
-        print(f"JSON: {write_json('langchain_compare', results, args.out)}")
+        if side == "langchain":
+            result = langchain_side(files, embedder, work / "lc-chroma", args.lc_chunk_tokens,
+                                    args.lc_overlap)
+        else:
+            result = kbsync_side(files, work / "kbsync")
+        return {"side": side, "files": len(files), "model": embedder.name,
+                "device": embedder.device, "warm_up_s": round(warm_s, 2), **result}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=300)
+    parser.add_argument("--lc-chunk-tokens", type=int, default=200)
+    parser.add_argument("--lc-overlap", type=int, default=30)
+    parser.add_argument("--realdata", type=Path, default=DEFAULT_REALDATA)
+    parser.add_argument("--order", default="langchain,kbsync",
+                        help="the sides in the order they run, each in a fresh process "
+                             "(e.g. langchain,kbsync,kbsync,langchain: each side's figure is "
+                             "the mean of its runs)")
+    parser.add_argument("--kbsync-first", action="store_true",
+                        help="the same as --order kbsync,langchain")
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    if args.side:  # a child process: one side, its figures as JSON on --out
+        args.out.write_text(json.dumps(one_side(args.side, args)))
+        return
+
+    order = ["kbsync", "langchain"] if args.kbsync_first else args.order.split(",")
+    if not order or set(order) - set(SIDES) or set(SIDES) - set(order):
+        parser.error(f"--order must name both sides, {', '.join(SIDES)}")
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, side in enumerate(order):
+            out = Path(tmp) / f"{i}-{side}.json"
+            subprocess.run([sys.executable, __file__, "--side", side, "--files", str(args.files),
+                            "--lc-chunk-tokens", str(args.lc_chunk_tokens),
+                            "--lc-overlap", str(args.lc_overlap),
+                            "--realdata", str(args.realdata), "--out", str(out)], check=True)
+            runs.append(json.loads(out.read_text()))
+            print(f"run {i + 1}/{len(order)}: {side} full sync {runs[-1]['full_sync_s']} s",
+                  flush=True)
+
+    def mean(side: str, key: str) -> float | int:
+        values = [run[key] for run in runs if run["side"] == side]
+        value = round(statistics.fmean(values), 2)
+        return int(value) if value.is_integer() else value
+
+    kb, lc = ({key: mean(side, key) for key in FIGURES} for side in ("kbsync", "langchain"))
+    rows = [(f"run {i + 1}: {run['side']} full sync s", run["full_sync_s"])
+            for i, run in enumerate(runs)]
+    for key in FIGURES:
+        ratio = f"{kb[key] / lc[key]:.2f}x" if lc[key] else "n/a"
+        rows.append((f"{key}: kbsync / langchain", f"{kb[key]} / {lc[key]} ({ratio})"))
+    rows.append(("mean tokens per chunk: kbsync / langchain",
+                 f"{kb['tokens_embedded'] / kb['chunks']:.0f} / "
+                 f"{lc['tokens_embedded'] / lc['chunks']:.0f}"))
+    rows.append(("target: kbsync full sync <= langchain",
+                 "met" if kb["full_sync_s"] <= lc["full_sync_s"] else "missed"))
+    print_table(f"kbsync vs LangChain index() ({runs[0]['files']} AWS docs, "
+                f"{runs[0]['device']}, one process per run)", rows)
+    results = {"files": runs[0]["files"], "model": runs[0]["model"],
+               "device": runs[0]["device"], "order": order, "runs": runs,
+               "kbsync": kb, "langchain": lc}
+    print(f"JSON: {write_json('langchain_compare', results, args.out)}")
 
 
 if __name__ == "__main__":
