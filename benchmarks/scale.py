@@ -10,7 +10,7 @@ chunk is new). Then, in a child process per size (so peak memory is that size's)
   (read, chunk with the real tokenizer, hash-skip, write Chroma and the lexical index,
   state); the real model stays the default everywhere outside this benchmark;
 * **no-op sync** (nothing changed), **1% edit** (one paragraph appended to 1% of the
-  files: 1 file at 1k chunks, 61 at 100k, so the change itself grows 61x), **one-file
+  files: 1 file at 1k chunks, 63 at 100k, so the change itself grows 63x), **one-file
   edit** (one paragraph appended to one file: the same change at every size, so its
   growth is the index's alone), **reconciliation** (a no-op sync that also lists every
   id);
@@ -358,15 +358,17 @@ def main() -> None:
         print_table(f"growth {sizes[0]} -> {sizes[-1]} (targets: no-op, 1% edit, status <= 2x)",
                     rows)
         encode_s = hi["chunks"] / args.gpu_chunks_per_s
-        ratio = hi["full_sync_s"] / encode_s
+        # the embed stage (hash vectors standing in for the model) is the encoder's share
+        pipeline_s = round(hi["full_sync_s"] - hi.get("full_sync_embed_s", 0.0), 2)
+        ratio = pipeline_s / encode_s
         rows = [("assumed GPU encode, chunks/s", args.gpu_chunks_per_s),
                 (f"encode time at {hi['chunks']} chunks, s", round(encode_s, 2)),
-                ("pipeline (full sync minus embed), s", hi["full_sync_s"]),
+                ("pipeline (full sync minus embed), s", pipeline_s),
                 ("overhead / encode (target <= 0.10)", round(ratio, 2))]
         results["overhead"] = {"assumed_gpu_chunks_per_s": args.gpu_chunks_per_s,
-                               "encode_s": encode_s, "ratio": ratio}
+                               "encode_s": encode_s, "pipeline_s": pipeline_s, "ratio": ratio}
         if "store_ceiling_s" in hi:
-            own = hi["full_sync_s"] - hi["store_ceiling_s"]
+            own = pipeline_s - hi["store_ceiling_s"]
             rows += [("  of which the store's floor (plain Collection.add), s",
                       hi["store_ceiling_s"]),
                      ("  of which kbsync's own (the rest), s", round(own, 2)),
