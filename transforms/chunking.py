@@ -161,7 +161,8 @@ def drop_wordless_markup(text: str) -> str:
     (``DynamoDB\\.`` -> ``DynamoDB.``; ``\\|`` is kept) and a heading's ``{#id}``. Code is
     untouched: fenced blocks, inline code spans, and lines indented four or more spaces
     that are not list items (indented code blocks). On the 300 AWS pages of
-    ``benchmarks/langchain_compare.py`` this markup is about 10% of the model's tokens.
+    ``benchmarks/langchain_compare.py`` this markup is 17% of the model's tokens (787,316
+    tokens in 4,873 chunks with it, 649,966 in 4,099 without).
 
     Args:
         text: Markdown.
