@@ -143,8 +143,8 @@ def _line_without_markup(line: str) -> str:
     """A Markdown line outside code blocks without wordless markup; its inline code
     spans are kept as they are."""
     if _HEADING_LINE.match(line):
-        end = len(line) - len(line.rstrip("\r\n"))
-        line = _HEADING_ID.sub("", line[:len(line) - end]) + line[len(line) - end:]
+        content = line.rstrip("\r\n")
+        line = _HEADING_ID.sub("", content) + line[len(content):]
     parts, pos = [], 0
     for span in _CODE_SPAN.finditer(line):
         parts += [_prose_without_markup(line[pos:span.start()]), span.group(0)]
