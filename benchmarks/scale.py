@@ -29,6 +29,7 @@ and the pipeline-overhead ratio against an *assumed* GPU encode throughput
 (``--gpu-chunks-per-s``; no GPU here — see the default's source below).
 
     .venv/bin/python benchmarks/scale.py [--sizes 1000,10000,100000] [--chroma-url URL]
+        [--lexical-server postgresql+psycopg://postgres@127.0.0.1:5432]
 """
 
 from __future__ import annotations
@@ -207,7 +208,18 @@ def store_ceiling_seconds(settings, size: int) -> float:
 
 
 def measure(size: int, args) -> dict[str, Any]:
-    """Everything for one size, in this (child) process."""
+    """Everything for one size, in this (child) process; with ``--lexical-server``, the
+    lexical index lives in a throwaway database of that PostgreSQL server (one per size,
+    dropped afterwards)."""
+    if not args.lexical_server:
+        return _measure(size, args, None)
+    from fakes.postgres import temporary_database
+
+    with temporary_database(args.lexical_server, prefix=f"kbsync_scale_{size}") as url:
+        return _measure(size, args, url)
+
+
+def _measure(size: int, args, lexical_url: str | None) -> dict[str, Any]:
     from flows.retrieve import retrieve
     from flows.sync import Pipeline
 
@@ -217,8 +229,8 @@ def measure(size: int, args) -> dict[str, Any]:
         extra: dict[str, Any] = {}
         if args.chroma_url:
             extra["chroma"] = {"url": args.chroma_url, "collection": f"scale{size}"}
-        if args.lexical_url:
-            extra["lexical"] = {"url": args.lexical_url}
+        if lexical_url:
+            extra["lexical"] = {"url": lexical_url}
         settings = settings_for(work / "repo", work / "data", name="scale", **extra)
         per_page = chunks_per_page(files, settings)
         pages = max(1, round(size / per_page))
@@ -310,7 +322,10 @@ def main() -> None:
     parser.add_argument("--embedder", choices=["hash", "model"], default="hash",
                         help="hash: deterministic vectors (pipeline cost only); model: real")
     parser.add_argument("--chroma-url", default=None, help="a Chroma server (default: embedded)")
-    parser.add_argument("--lexical-url", default=None, help="Postgres lexical index URL")
+    parser.add_argument("--lexical-server", default=None,
+                        help="a PostgreSQL server URL without database "
+                             "(postgresql+psycopg://postgres@127.0.0.1:5432): the lexical "
+                             "index in a throwaway database there, one per size")
     parser.add_argument("--gpu-chunks-per-s", type=float, default=ASSUMED_GPU_CHUNKS_PER_S)
     parser.add_argument("--no-store-ceiling", dest="store_ceiling", action="store_false",
                         help="skip re-adding the chunks with plain Collection.add (the "
@@ -329,7 +344,7 @@ def main() -> None:
     for size in [int(s) for s in args.sizes.split(",")]:
         cmd = [sys.executable, __file__, "--child", str(size), "--embedder", args.embedder,
                "--realdata", str(args.realdata), "--cache", str(args.cache)]
-        for flag, value in (("--chroma-url", args.chroma_url), ("--lexical-url", args.lexical_url)):
+        for flag, value in (("--chroma-url", args.chroma_url), ("--lexical-server", args.lexical_server)):
             if value:
                 cmd += [flag, value]
         if not args.store_ceiling:
@@ -341,7 +356,8 @@ def main() -> None:
         results[str(size)] = json.loads(line[0][len("RESULT "):])
         r = results[str(size)]
         print_table(f"{r['chunks']} chunks ({r['pages']} pages, "
-                    f"{'Chroma server' if args.chroma_url else 'embedded Chroma'})",
+                    f"{'Chroma server' if args.chroma_url else 'embedded Chroma'}, "
+                    f"{'PostgreSQL' if args.lexical_server else 'SQLite FTS5'} lexical index)",
                     [(k, v) for k, v in r.items() if not isinstance(v, dict)])
     sizes = list(results)
     if len(sizes) > 1:
