@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -224,11 +225,14 @@ def _measure(size: int, args, lexical_url: str | None) -> dict[str, Any]:
     from flows.sync import Pipeline
 
     work = Path(tempfile.mkdtemp(prefix=f"kbsync-scale-{size}-"))
+    # a collection of this run's own on a server (an earlier run's would make the full
+    # sync find its chunks already written), removed at the end
+    collection = f"scale{size}-{uuid.uuid4().hex[:8]}"
     try:
         files = corpus_files(aws_corpus(args.realdata, args.cache))
         extra: dict[str, Any] = {}
         if args.chroma_url:
-            extra["chroma"] = {"url": args.chroma_url, "collection": f"scale{size}"}
+            extra["chroma"] = {"url": args.chroma_url, "collection": collection}
         if lexical_url:
             extra["lexical"] = {"url": lexical_url}
         settings = settings_for(work / "repo", work / "data", name="scale", **extra)
@@ -309,6 +313,13 @@ def _measure(size: int, args, lexical_url: str | None) -> dict[str, Any]:
         return out
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if args.chroma_url:
+            from connectors.chroma import ChromaStore
+
+            try:
+                ChromaStore(url=args.chroma_url).client.delete_collection(collection)
+            except Exception:  # noqa: BLE001 - not created (the run failed before)
+                pass
 
 
 GROWTH = ["full_sync_s", "noop_sync_s", "edit_1pct_s", "edit_1file_s", "chroma_open_s",
