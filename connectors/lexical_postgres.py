@@ -20,10 +20,17 @@ underscores, which FTS5's ``tokenchars '_'`` keeps whole).
 Ranking: Okapi BM25 computed in SQL with FTS5's constants and formula (k1=1.2, b=0.75,
 idf = ln((N - df + 0.5) / (df + 0.5)) floored at 1e-6;
 https://www.sqlite.org/fts5.html#the_bm25_function): the GIN index finds the chunks
-holding any query term, ``unnest(tsvector)`` gives each term's frequency (its number
-of positions), ``df`` is counted over those matches and ``N``/average length over the
-table. ``ts_rank_cd`` (cover density, no idf) is available as ``ranking="ts_rank_cd"``
-for comparison; ``benchmarks/retrieval.py --lexical both`` measures both against FTS5.
+holding any query term; in each, ``setweight(terms, 'A', query terms)`` marks the query's
+terms and ``ts_filter(..., '{a}')`` keeps only them
+(https://www.postgresql.org/docs/current/textsearch-features.html), so ``unnest`` gives
+each query term's frequency (its number of positions) without expanding the whole
+``tsvector``; ``df`` is counted over those matches and ``N``/average length over the
+table. A common word matches a large share of the index (half of 93k chunks for "IAM
+role trust policy for EC2"), so the query is planned as costly and Postgres would
+JIT-compile it: over a second of compiling for a query that runs in a few hundred
+milliseconds, so the search turns JIT off for its own transaction (``SET LOCAL jit``).
+``ts_rank_cd`` (cover density, no idf) is available as ``ranking="ts_rank_cd"`` for
+comparison; ``benchmarks/retrieval.py --lexical both`` measures both against FTS5.
 
 Every write is one transaction (``engine.begin()``): a page is durable or absent, like
 the rest of a sync. Concurrent writers are safe: rows are upserted by chunk id.
@@ -60,21 +67,20 @@ _BM25 = """
 WITH stats AS (
     SELECT count(*)::float8 AS n, greatest(coalesce(avg(length), 0), 1)::float8 AS avgdl
     FROM lexical_chunks),
-cand AS (
-    SELECT chunk_id, source, length, terms FROM lexical_chunks
-    WHERE terms @@ CAST(:query AS tsquery)),
 tf AS (
-    SELECT c.chunk_id, u.lexeme, coalesce(array_length(u.positions, 1), 1)::float8 AS tf
-    FROM cand c, unnest(c.terms) AS u
-    WHERE u.lexeme = ANY(CAST(:terms AS text[]))),
+    SELECT c.chunk_id, c.source, c.length, u.lexeme,
+           coalesce(array_length(u.positions, 1), 1)::float8 AS tf
+    FROM lexical_chunks c,
+         unnest(ts_filter(setweight(c.terms, 'A', CAST(:terms AS text[])), '{a}')) AS u
+    WHERE c.terms @@ CAST(:query AS tsquery)),
 df AS (SELECT lexeme, count(*)::float8 AS df FROM tf GROUP BY lexeme)
-SELECT c.chunk_id,
+SELECT tf.chunk_id,
        sum(greatest(ln((s.n - df.df + 0.5) / (df.df + 0.5)), 1e-6)
-           * tf.tf * 2.2 / (tf.tf + 1.2 * (0.25 + 0.75 * c.length / s.avgdl))) AS score
-FROM tf JOIN df USING (lexeme) JOIN cand c USING (chunk_id) CROSS JOIN stats s
-WHERE (CAST(:source AS text) IS NULL OR c.source = CAST(:source AS text))
-GROUP BY c.chunk_id
-ORDER BY score DESC, c.chunk_id
+           * tf.tf * 2.2 / (tf.tf + 1.2 * (0.25 + 0.75 * tf.length / s.avgdl))) AS score
+FROM tf JOIN df USING (lexeme) CROSS JOIN stats s
+WHERE (CAST(:source AS text) IS NULL OR tf.source = CAST(:source AS text))
+GROUP BY tf.chunk_id
+ORDER BY score DESC, tf.chunk_id
 LIMIT :k
 """
 
@@ -248,6 +254,7 @@ class PostgresLexicalIndex:
         if self.ranking == "bm25":
             params["terms"] = terms
         with self.engine.connect() as conn:
+            conn.execute(text("SET LOCAL jit = off"))  # see the module's docstring
             return [LexicalHit(cid, float(score)) for cid, score in conn.execute(text(sql), params)]
 
     def close(self) -> None:
