@@ -262,29 +262,31 @@ def _measure(size: int, args, lexical_url: str | None) -> dict[str, Any]:
         summary, wall = sync()
         out["noop_sync_s"] = round(wall, 2)
         assert summary["chunks_embedded"] == 0, summary
-        # each edit is made --edit-rounds times (a new paragraph each round) and its
-        # figures are those of the median round: one sync's wall time varies by tenths
-        # of a second with the flow run's own start and end
-        rounds = []
-        for r in range(args.edit_rounds):
-            n = edit_files(repo, rels, 0.01, 1 + r)
-            summary, wall = sync()
-            rounds.append((wall, n, summary))
-        wall, n, summary = sorted(rounds, key=lambda x: x[0])[len(rounds) // 2]
+
+        def edited(edit) -> tuple[Any, float, dict[str, Any], list[float]]:
+            """``edit(round)`` then a sync, ``--edit-rounds`` times (a new paragraph each
+            round): the median round's edit result, wall seconds and summary, and every
+            round's wall. One sync's wall time varies by tenths of a second with the flow
+            run's own start and end."""
+            rounds = []
+            for r in range(args.edit_rounds):
+                made = edit(r)
+                rounds.append((made, *sync()))
+            made, summary, wall = sorted(rounds, key=lambda x: x[2])[len(rounds) // 2]
+            return made, wall, summary, [round(x[2], 2) for x in rounds]
+
+        n, wall, summary, walls = edited(lambda r: edit_files(repo, rels, 0.01, 1 + r))
         out["edit_1pct_s"] = round(wall, 2)
-        out["edit_1pct_rounds_s"] = [round(x[0], 2) for x in rounds]
+        out["edit_1pct_rounds_s"] = walls
         out["edit_1pct_files"] = n
         out["edit_1pct_chunks_embedded"] = summary["chunks_embedded"]
         out["edit_1pct_chunks_kept"] = summary["chunks_reused"]  # not re-embedded
         out["edit_1pct_stages"] = summary["seconds"]
-        rounds = []
-        for r in range(args.edit_rounds):  # one file, whatever the size
-            edit_files(repo, rels[len(rels) // 2:], 1 / len(rels), 100 + r)
-            summary, wall = sync()
-            rounds.append((wall, summary))
-        wall, summary = sorted(rounds, key=lambda x: x[0])[len(rounds) // 2]
+        # one file, whatever the size
+        _, wall, summary, walls = edited(
+            lambda r: edit_files(repo, rels[len(rels) // 2:], 1 / len(rels), 100 + r))
         out["edit_1file_s"] = round(wall, 2)
-        out["edit_1file_rounds_s"] = [round(x[0], 2) for x in rounds]
+        out["edit_1file_rounds_s"] = walls
         out["edit_1file_chunks_embedded"] = summary["chunks_embedded"]
         summary, wall = sync(reconcile=True)
         out["reconcile_s"] = round(wall, 2)
