@@ -9,7 +9,8 @@
   raises :class:`EmbeddingModelMismatch` before anything is written.
 * Writes go in batches of at most ``client.get_max_batch_size()`` records.
 * Chunks are *added*, never re-upserted: re-writing an existing id costs ~4x an insert
-  and changes nothing, so the sync looks ids up first (:meth:`ChromaStore.existing_ids`).
+  and changes nothing, so the sync adds only ids its document's records do not hold
+  (:meth:`ChromaStore.indexed_documents`; a chunk id hashes its ``doc_id``).
 
 Every chunk carries ``doc_id``, ``doc_hash``, ``chunk_count``, ``source``,
 ``source_type``, ``title``, ``url``, ``updated_at``, ``chunk_index`` and the
@@ -225,15 +226,6 @@ class ChromaStore:
         return meta.get(MODEL_KEY), int(dim) if dim is not None else None
 
     # -------------------------------------------------------------------- reading
-
-    def existing_ids(self, ids: Iterable[str]) -> set[str]:
-        """The subset of ``ids`` already stored."""
-        ids = list(dict.fromkeys(ids))
-        found: set[str] = set()
-        col = self.collection()
-        for part in _batches(ids, min(self.max_batch, LOOKUP_BATCH * 4)):
-            found.update(col.get(ids=ids[part], include=[])["ids"])
-        return found
 
     def indexed_documents(self, doc_ids: Iterable[str]) -> dict[str, IndexedDocument]:
         """What the index holds for each of ``doc_ids`` (absent ids are left out): every

@@ -394,14 +394,14 @@ def plan_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> PagePlan:
                 continue
             planned.append((doc, doc_hash, chunks, before))
 
-    all_ids = [c.id for _, _, chunks, _ in planned for c in chunks]
-    with summary.timed("write"):
-        existing = store.existing_ids(all_ids) if all_ids else set()
     reused = 0
     for doc, doc_hash, chunks, before in planned:
+        # a chunk id hashes its doc_id (transforms.chunking.chunk_id), so the index can
+        # hold it only among this document's own records, which ``indexed`` lists
+        held = before.chunk_ids if before is not None else frozenset()
         for chunk in chunks:
             meta = chunk_metadata(doc, doc_hash, chunk, len(chunks))
-            if chunk.id not in existing:
+            if chunk.id not in held:
                 batch.add(chunk.id, chunk.text, meta)
                 continue
             reused += 1
