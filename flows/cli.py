@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import re
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -152,24 +153,33 @@ def _progress() -> Progress:
                     console=err_console, transient=True)
 
 
-def _run_with_progress(fn, *args, **kwargs):
-    """Run a flow with rich progress bars fed by the sync's progress events.
+def without_flow_heartbeats() -> AbstractContextManager[Any]:
+    """A context in which a flow run in this process sends no Prefect flow-run
+    heartbeats, unless ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set in the environment.
 
-    The flow runs in this process without Prefect's flow-run heartbeats unless
-    ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set: Prefect's heartbeat thread sleeps in
-    1 s steps and the run's exit waits for it (0.5-1 s of every command; measured by
-    ``benchmarks/cli_startup.py``). They serve Prefect's zombie-run automations; the run
-    in this terminal ends with the command, and a source's lease has its own heartbeat
-    (``sync.lease_ttl_seconds``). Runs on workers (deployments) keep Prefect's default.
+    Prefect's heartbeat thread sleeps in 1 s steps and the run's exit joins it
+    (``prefect.flow_engine._send_heartbeats``, Prefect 3.x), so with heartbeats a run's
+    wall time ends on the next whole second of the thread's clock: 0-1 s added to every
+    command (``benchmarks/cli_startup.py``), and to every benchmark's timed run. The
+    heartbeats serve Prefect's zombie-run automations; a run in this terminal ends with
+    the command, and a source's lease has its own heartbeat (``sync.lease_ttl_seconds``).
+    Runs on workers (deployments) keep Prefect's default. Used by every CLI command that
+    runs a flow and by ``benchmarks/common.run_flow``.
     """
     import os
     from contextlib import nullcontext
 
-    from prefect.settings import (
-        PREFECT_API_URL,
-        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
-        temporary_settings,
-    )
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    if "PREFECT_FLOWS_HEARTBEAT_FREQUENCY" in os.environ:
+        return nullcontext()
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+
+
+def _run_with_progress(fn, *args, **kwargs):
+    """Run a flow with rich progress bars fed by the sync's progress events, without
+    Prefect's flow-run heartbeats (:func:`without_flow_heartbeats`)."""
+    from prefect.settings import PREFECT_API_URL
 
     from flows.sync import progress_callback
 
@@ -188,10 +198,8 @@ def _run_with_progress(fn, *args, **kwargs):
             progress.update(bars[stage], completed=done, total=total)
 
         token = progress_callback.set(on_event)
-        heartbeats = nullcontext() if "PREFECT_FLOWS_HEARTBEAT_FREQUENCY" in os.environ else \
-            temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
         try:
-            with heartbeats:
+            with without_flow_heartbeats():
                 return fn(*args, **kwargs)
         finally:
             progress_callback.reset(token)
