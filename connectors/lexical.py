@@ -66,6 +66,7 @@ class LexicalBackend(Protocol):
     @property
     def current(self) -> bool: ...
     def count(self) -> int: ...
+    def empty(self) -> bool: ...
     def ids(self) -> set[str]: ...
     def add(self, ids: Sequence[str], texts: Sequence[str],
             metadatas: Sequence[dict[str, Any]]) -> None: ...
@@ -159,6 +160,10 @@ class LexicalIndex:
 
     def count(self) -> int:
         return self.db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+
+    def empty(self) -> bool:
+        """True when the index holds no chunk (one row looked up, not counted)."""
+        return self.db.execute("SELECT 1 FROM chunks LIMIT 1").fetchone() is None
 
     def ids(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT chunk_id FROM chunks")}

@@ -191,6 +191,12 @@ class PostgresLexicalIndex:
         with self.engine.connect() as conn:
             return conn.execute(text("SELECT count(*) FROM lexical_chunks")).scalar_one()
 
+    def empty(self) -> bool:
+        """True when the index holds no chunk (one row looked up: ``count(*)`` scans the
+        table, ~15 ms at 93k chunks)."""
+        with self.engine.connect() as conn:
+            return conn.execute(text("SELECT 1 FROM lexical_chunks LIMIT 1")).first() is None
+
     def ids(self) -> set[str]:
         with self.engine.connect() as conn:
             return set(conn.execute(text("SELECT chunk_id FROM lexical_chunks")).scalars())

@@ -171,7 +171,7 @@ def open_lexical(settings: Settings,
     if not settings.lexical.enabled:
         return None
     lexical = open_index(settings.lexical_location)
-    if not lexical.current or lexical.count() == 0:
+    if not lexical.current or lexical.empty():
         chroma = store()
         if not lexical.current or chroma.count() > 0:
             log.warning("rebuilding the lexical index %s from Chroma", lexical.path)

@@ -53,9 +53,11 @@ def test_language_detection():
 
 def test_lexical_index_add_search_replace_delete(tmp_path):
     index = LexicalIndex(tmp_path / "lex.db")
+    assert index.empty()
     meta = [{"doc_id": "a:1", "source": "a"}, {"doc_id": "a:2", "source": "a"},
             {"doc_id": "b:1", "source": "b"}]
     index.add(["c1", "c2", "c3"], ["сборка документации", "поиск lunr", "сборка S3"], meta)
+    assert not index.empty()
     assert [h.chunk_id for h in index.search("сборку документацией", k=5)] == ["c1", "c3"]
     assert [h.chunk_id for h in index.search("сборку", source="b")] == ["c3"]
 

@@ -33,7 +33,9 @@ def test_tsvector_literal_keeps_our_terms_and_frequencies():
 def test_add_search_replace_delete_like_sqlite(postgres_url, tmp_path):
     index = open_index(postgres_url)
     assert isinstance(index, PostgresLexicalIndex) and "postgresql" in index.path
+    assert index.empty()
     index.add(["c1", "c2", "c3"], TEXTS, META)
+    assert not index.empty()
     assert [h.chunk_id for h in index.search("сборку документацией", k=5)] == ["c1", "c3"]
     assert [h.chunk_id for h in index.search("сборку", source="b")] == ["c3"]
     assert index.search("the and") == []  # only stop words: nothing to search
@@ -46,7 +48,7 @@ def test_add_search_replace_delete_like_sqlite(postgres_url, tmp_path):
     index.delete_documents(["b:1"])
     assert index.ids() == {"c1"} and index.current
     index.clear()
-    assert index.count() == 0
+    assert index.count() == 0 and index.empty()
     index.close()
 
 
