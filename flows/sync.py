@@ -28,6 +28,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -351,13 +352,32 @@ class PagePlan:
     reused: int = 0
 
 
+def _chunk(pipeline: Pipeline, doc: Document) -> list[Chunk] | Exception:
+    """``doc``'s chunks, or the exception chunking raised (one bad document must not
+    stop the run: :func:`plan_page` records it as failed)."""
+    try:
+        return chunk_document(doc.id, doc.text, fmt=doc.format, language=doc.language,
+                              title=doc.title, config=pipeline.chunking,
+                              counter=pipeline.tokenizer.count_tokens)
+    except Exception as exc:  # noqa: BLE001 - recorded per document by the caller
+        return exc
+
+
 def plan_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> PagePlan:
     """Decide what ``page`` changes: unchanged documents (same hash) cost nothing, changed
     ones are chunked, and only chunk ids the collection does not hold are to be embedded.
     Reads the index, writes nothing.
 
+    The index read (:meth:`~connectors.chroma.ChromaStore.indexed_documents`, a request
+    to a Chroma server) runs in a thread while this one chunks the page's documents in
+    order; chunking stops when the read returns, and a document the read shows current
+    drops its chunks. So an incremental page (mostly changed documents) chunks while it
+    waits for the index, and a page of unchanged documents chunks only for as long as
+    the read would have kept it idle.
+
     Raises:
         connectors.chroma.EmbeddingModelMismatch: the collection holds another model.
+        connectors.chroma.StoreError: the index cannot be read.
     """
     failures = [i for i in page.issues if i.kind == "failed"]
     documents = list({doc.id: doc for doc in page.documents}.values())
@@ -367,10 +387,18 @@ def plan_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> PagePlan:
     batch = ChunkBatch(source=summary.source, model=pipeline.model_name)
     if not documents and not gone_ids:  # nothing changed (a no-op sync): no index read
         return PagePlan(page, batch, failures, skipped, {i.doc_id for i in page.issues})
-    store = pipeline.store
+    store = pipeline.store  # opened here: its errors are raised by this thread
 
-    with summary.timed("write"):
-        indexed = store.indexed_documents([d.id for d in documents] + gone_ids)
+    early: dict[str, list[Chunk] | Exception] = {}
+    with ThreadPoolExecutor(1, thread_name_prefix="kbsync-index-read") as pool:
+        reading = pool.submit(store.indexed_documents, [d.id for d in documents] + gone_ids)
+        with summary.timed("chunk"):
+            for doc in documents:
+                if reading.done():
+                    break
+                early[doc.id] = _chunk(pipeline, doc)
+        with summary.timed("write"):
+            indexed = reading.result()
 
     planned: list[tuple[Document, str, list[Chunk], IndexedDocument | None]] = []
     with summary.timed("chunk"):
@@ -380,13 +408,11 @@ def plan_page(pipeline: Pipeline, page: Page, summary: SyncSummary) -> PagePlan:
             if before is not None and before.is_current(doc_hash):
                 summary.documents_unchanged += 1
                 continue
-            try:
-                chunks = chunk_document(doc.id, doc.text, fmt=doc.format, language=doc.language,
-                                        title=doc.title, config=pipeline.chunking,
-                                        counter=pipeline.tokenizer.count_tokens)
-            except Exception as exc:  # noqa: BLE001 - one bad document must not stop the run
-                failures.append(DocumentIssue(doc.id, f"chunking failed: {type(exc).__name__}: {exc}",
-                                              "failed", doc.title))
+            chunks = early.pop(doc.id) if doc.id in early else _chunk(pipeline, doc)
+            if isinstance(chunks, Exception):
+                failures.append(DocumentIssue(
+                    doc.id, f"chunking failed: {type(chunks).__name__}: {chunks}", "failed",
+                    doc.title))
                 continue
             if (empty := nothing_to_index(doc, chunks)) is not None:
                 skipped.append(empty)
@@ -471,8 +497,6 @@ class BatchWriter:
     """
 
     def __init__(self, pipeline: Pipeline, summary: SyncSummary, request_key: str) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         self.pipeline, self.summary, self.request_key = pipeline, summary, request_key
         self.limit = pipeline.settings.embedding.batch_chunks
         self.pending: list[PagePlan] = []
