@@ -157,8 +157,10 @@ def without_flow_heartbeats() -> AbstractContextManager[Any]:
     """A context in which a flow run in this process sends no Prefect flow-run
     heartbeats, unless ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set in the environment.
 
-    Prefect's heartbeat thread sleeps in 1 s steps and the run's exit joins it
-    (``prefect.flow_engine._send_heartbeats``, Prefect 3.x), so with heartbeats a run's
+    Prefect sends them by default (``heartbeat_frequency`` 180 s since March 2026,
+    https://github.com/PrefectHQ/prefect/pull/21058); its heartbeat thread sleeps in 1 s
+    steps and the run's exit joins it (``prefect.flow_engine._send_heartbeats``,
+    https://github.com/PrefectHQ/prefect/pull/19641), so with heartbeats a run's
     wall time ends on the next whole second of the thread's clock: 0-1 s added to every
     command (``benchmarks/cli_startup.py``), and to every benchmark's timed run. The
     heartbeats serve Prefect's zombie-run automations; a run in this terminal ends with
