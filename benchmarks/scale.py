@@ -12,8 +12,11 @@ chunk is new). Then, in a child process per size (so peak memory is that size's)
 * **no-op sync** (nothing changed), **1% edit** (one paragraph appended to 1% of the
   files: 1 file at 1k chunks, 63 at 100k, so the change itself grows 63x), **one-file
   edit** (one paragraph appended to one file: the same change at every size, so its
-  growth is the index's alone), each made ``--edit-rounds`` times (3) and reported by
-  its median round, **reconciliation** (a no-op sync that also lists every id); the
+  growth is the index's alone), **a change as large as the 1% edit at 100k chunks, at
+  every size** (the first ``--change-files`` files, 63, the same pages at every size, or
+  every file of a smaller repository: its growth is the index's, not the change's),
+  each made ``--edit-rounds`` times (3) and reported by its median round,
+  **reconciliation** (a no-op sync that also lists every id); the
   1% edit also reports the seconds of Chroma's own write calls in it (``add``,
   ``update_metadata``, ``delete``, timed around the real store) and grows the edit
   without them, the part of the change's cost that is kbsync's;
@@ -324,6 +327,15 @@ def _measure(size: int, args, lexical_url: str | None) -> dict[str, Any]:
         out["edit_1file_s"] = round(wall, 2)
         out["edit_1file_rounds_s"] = walls
         out["edit_1file_chunks_embedded"] = summary["chunks_embedded"]
+        # a change as large as the largest size's 1% edit, made at every size: the first
+        # --change-files files (the corpus' first pages, the same at every size; every
+        # file where there are fewer), so its growth is the index's, not the change's
+        first = rels[:args.change_files]
+        n, wall, summary, walls = edited(lambda r: edit_files(repo, first, 1.0, 200 + r))
+        out["edit_change_s"] = round(wall, 2)
+        out["edit_change_rounds_s"] = walls
+        out["edit_change_files"] = n
+        out["edit_change_store_write_s"] = summary["store_write_s"]
         summary, wall = sync(reconcile=True)
         out["reconcile_s"] = round(wall, 2)
         out["reconciled"] = summary["reconciled"]
@@ -373,7 +385,8 @@ def _measure(size: int, args, lexical_url: str | None) -> dict[str, Any]:
                 pass
 
 
-GROWTH = ["full_sync_s", "noop_sync_s", "edit_1pct_s", "edit_1file_s", "chroma_open_s",
+GROWTH = ["full_sync_s", "noop_sync_s", "edit_1pct_s", "edit_1file_s", "edit_change_s",
+          "chroma_open_s",
           "reconcile_s", "status_process_s", "status_body_s", "query_dense_ms", "query_lexical_ms", "query_hybrid_ms",
           "peak_rss_mb"]
 
@@ -388,6 +401,9 @@ def main() -> None:
                         help="a PostgreSQL server URL without database "
                              "(postgresql+psycopg://postgres@127.0.0.1:5432): the lexical "
                              "index in a throwaway database there, one per size")
+    parser.add_argument("--change-files", type=int, default=63,
+                        help="files of the change edited at every size (default: those of "
+                             "the 1%% edit at 100k chunks)")
     parser.add_argument("--edit-rounds", type=int, default=3,
                         help="times each edit is made; its figures are the median round's")
     parser.add_argument("--gpu-chunks-per-s", type=float, default=ASSUMED_GPU_CHUNKS_PER_S)
@@ -407,7 +423,7 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     for size in [int(s) for s in args.sizes.split(",")]:
         cmd = [sys.executable, __file__, "--child", str(size), "--embedder", args.embedder,
-               "--edit-rounds", str(args.edit_rounds),
+               "--edit-rounds", str(args.edit_rounds), "--change-files", str(args.change_files),
                "--realdata", str(args.realdata), "--cache", str(args.cache)]
         for flag, value in (("--chroma-url", args.chroma_url), ("--lexical-server", args.lexical_server)):
             if value:
