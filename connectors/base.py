@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -73,27 +74,42 @@ def utc(dt: datetime) -> datetime:
     return dt.astimezone(UTC)
 
 
+#: A lone UTF-16 surrogate (U+D800-U+DFFF): a ``str`` holding one cannot be encoded as
+#: UTF-8. JSON may carry them as ``\\ud83d`` escapes (text cut in the middle of an emoji
+#: by a UTF-16 client), and Python decodes undecodable file-name bytes to them
+#: (``surrogateescape``, PEP 383).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_text(value: str) -> str:
+    """``value`` with every lone surrogate replaced by U+FFFD (the replacement
+    character), so that it encodes as UTF-8: the document hash, Chroma (a filter on such
+    an id fails with "Invalid where clause"), PostgreSQL and SQLite need that.
+    Text that encodes already is returned as it is."""
+    return _SURROGATE.sub("\ufffd", value) if _SURROGATE.search(value) else value
+
+
 def clean_metadata(metadata: Mapping[str, Any]) -> dict[str, MetadataValue]:
     """Flatten ``metadata`` into what Chroma stores: ``str | int | float | bool`` values.
 
     ``None`` values are dropped, datetimes become ISO 8601 UTC strings, lists and
     tuples become comma-separated strings (so a label list stays filterable with
     ``$contains`` on the document text side and readable in results), anything else
-    becomes ``str(value)``.
+    becomes ``str(value)``; strings pass through :func:`valid_text`.
     """
     out: dict[str, MetadataValue] = {}
     for key, value in metadata.items():
         if value is None:
             continue
-        if isinstance(value, bool | int | float | str):
+        if isinstance(value, bool | int | float):
             out[key] = value
         elif isinstance(value, datetime):
             out[key] = utc(value).isoformat()
         elif isinstance(value, list | tuple | set | frozenset):
             items = sorted(value) if isinstance(value, set | frozenset) else value
-            out[key] = ",".join(str(v) for v in items)
+            out[key] = valid_text(",".join(str(v) for v in items))
         else:
-            out[key] = str(value)
+            out[key] = valid_text(str(value))
     return out
 
 
@@ -136,6 +152,8 @@ class Document:
     def __post_init__(self) -> None:
         object.__setattr__(self, "updated_at", utc(self.updated_at))
         object.__setattr__(self, "metadata", clean_metadata(self.metadata))
+        for name in ("id", "title", "text", "url"):  # see valid_text
+            object.__setattr__(self, name, valid_text(getattr(self, name)))
 
     def content_hash(self, salt: str = "") -> str:
         """SHA-256 (hex) over everything that ends up in the index for this document.
@@ -177,6 +195,10 @@ class DocumentIssue:
     kind: Literal["skipped", "failed"] = "failed"
     title: str = ""
     scope: Literal["document", "entity"] = "document"
+
+    def __post_init__(self) -> None:
+        for name in ("doc_id", "reason", "title"):  # stored in the state store
+            object.__setattr__(self, name, valid_text(getattr(self, name)))
 
 
 @dataclass

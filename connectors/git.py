@@ -238,7 +238,7 @@ class GitConnector:
         return self._include.match_file(path) and not self._exclude.match_file(path)
 
     def _doc_id(self, path: str) -> str:
-        return f"{self.name}:{self._id_prefix}{path}"
+        return f"{self.name}:{self._id_prefix}{shown_path(path)}"
 
     def _tree_paths(self, commit: git.Commit) -> list[str]:
         out = self.repo().git.ls_tree("-r", "-z", "--name-only", commit.hexsha)
@@ -293,51 +293,51 @@ class GitConnector:
         return tree / name
 
     def _read(self, commit: git.Commit, path: str) -> tuple[bytes | None, DocumentIssue | None]:
-        doc_id = self._doc_id(path)
+        doc_id, shown = self._doc_id(path), shown_path(path)
         try:
             obj = self._blobs.get(path) or self._entry(commit, path)
         except KeyError:
-            return None, DocumentIssue(doc_id, "not found at the commit", "failed", path)
+            return None, DocumentIssue(doc_id, "not found at the commit", "failed", shown)
         if obj.type != "blob":
-            return None, DocumentIssue(doc_id, f"not a file ({obj.type})", "skipped", path)
+            return None, DocumentIssue(doc_id, f"not a file ({obj.type})", "skipped", shown)
         if obj.mode == 0o120000:
-            return None, DocumentIssue(doc_id, "symbolic link", "skipped", path)
+            return None, DocumentIssue(doc_id, "symbolic link", "skipped", shown)
         if obj.size > self.options.max_file_bytes:
             return None, DocumentIssue(
                 doc_id,
                 f"over the size limit ({obj.size} bytes > {self.options.max_file_bytes})",
                 "skipped",
-                path,
+                shown,
             )
         data = obj.data_stream.read()
         if b"\0" in data[:BINARY_SNIFF_BYTES]:
-            return None, DocumentIssue(doc_id, "binary file", "skipped", path)
+            return None, DocumentIssue(doc_id, "binary file", "skipped", shown)
         return data, None
 
     def _document(self, commit: git.Commit, path: str, data: bytes,
                   last: tuple[str, int] | None) -> Document | DocumentIssue:
-        doc_id = self._doc_id(path)
+        doc_id, shown = self._doc_id(path), shown_path(path)
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return DocumentIssue(doc_id, f"not valid UTF-8 (byte {exc.start})", "skipped", path)
+            return DocumentIssue(doc_id, f"not valid UTF-8 (byte {exc.start})", "skipped", shown)
         text = text.removeprefix("\ufeff")
         if not text.strip():
-            return DocumentIssue(doc_id, "empty file", "skipped", path)
+            return DocumentIssue(doc_id, "empty file", "skipped", shown)
         last_sha, last_ts = last if last else (commit.hexsha, commit.committed_date)
         fmt, language = classify_path(path)
         return Document(
             id=doc_id,
             source=self.name,
             source_type=self.source_type,
-            title=path,
+            title=shown,
             text=text,
             url=self._url(path, last_sha),
             updated_at=datetime.fromtimestamp(last_ts, UTC),
             format=fmt,
             language=language,
             metadata={
-                "path": path,
+                "path": shown,
                 "language": language or "text",
                 "last_commit": last_sha,
                 "last_commit_date": datetime.fromtimestamp(last_ts, UTC),
@@ -349,9 +349,11 @@ class GitConnector:
     def _url(self, path: str, commit_sha: str) -> str:
         if self.options.web_url:
             branch = self.options.branch or ""
-            return self.options.web_url.format(path=path, commit=commit_sha, branch=branch)
+            return self.options.web_url.format(path=shown_path(path), commit=commit_sha,
+                                               branch=branch)
         if self.is_remote:
-            return f"{redact(self.options.url)}#{path}"
+            return f"{redact(self.options.url)}#{shown_path(path)}"
+        # as_uri percent-encodes the file name's bytes, undecodable ones included
         return Path(self.options.url).expanduser().resolve().joinpath(path).as_uri()
 
     # -------------------------------------------------------------------- protocol
@@ -378,15 +380,38 @@ class GitConnector:
                         self.name, request.cursor["commit"])
         if base is None:
             return [(p, "read") for p in self._tree_paths(target)]
+        import git
+
         plan: dict[str, str] = {}
-        for diff in base.diff(target, no_renames=True):
-            if diff.b_blob is None or diff.deleted_file:
-                plan[diff.a_path] = "delete"
+        for status, path, sha, mode in self._changes(base, target):
+            if status == "D":
+                plan[path] = "delete"
             else:
-                plan[diff.b_path] = "read"
-                if diff.b_mode != SUBMODULE_MODE:  # a submodule's "blob" is a commit
-                    self._blobs[diff.b_path] = diff.b_blob
+                plan[path] = "read"
+                if mode != SUBMODULE_MODE:  # a submodule's "blob" is a commit
+                    self._blobs[path] = git.Blob(repo, bytes.fromhex(sha), mode, path)
         return sorted((p, action) for p, action in plan.items() if self.eligible(p))
+
+    def _changes(self, base: git.Commit,
+                 target: git.Commit) -> Iterator[tuple[str, str, str, int]]:
+        """``(status, path, blob sha at target, mode at target)`` of every file that
+        differs between two commits (``status``: ``A``, ``M``, ``D``, ``T``): ``git
+        diff-tree -r -z --no-renames --raw`` read as bytes, a path's undecodable bytes
+        kept as surrogates like every other path here (:func:`shown_path`).
+
+        Not ``Commit.diff``: GitPython decodes that output strictly as UTF-8, and on a
+        file name that is not it drops the whole diff in its reader thread, with no
+        error to the caller (GitPython 3.1, ``git.diff.Diff._handle_diff_line``), so every
+        change of the range would be missed. Raw format:
+        https://git-scm.com/docs/git-diff-tree#_raw_output_format
+        """
+        out = self.repo().git.diff_tree("-r", "-z", "--no-renames", "--raw", "--full-index",
+                                        base.hexsha, target.hexsha, stdout_as_string=False)
+        tokens = out.split(b"\0")
+        for header, raw_path in zip(tokens[0::2], tokens[1::2], strict=False):
+            # ":<mode before> <mode after> <sha before> <sha after> <status>"
+            _, mode, _, sha, status = header.decode("ascii").lstrip(":").split(" ")
+            yield status[:1], raw_path.decode("utf-8", "surrogateescape"), sha, int(mode, 8)
 
     def fetch(self, request: FetchRequest, checkpoint: Checkpoint | None = None) -> Iterator[Page]:
         """Yield the changed files as pages of at most ``page_size`` entries.
@@ -440,6 +465,20 @@ class GitConnector:
             self._repo.close()
             self._repo = None
 
+
+
+def shown_path(path: str) -> str:
+    """``path`` as kbsync shows and stores it: a file name's bytes that are not UTF-8
+    (an old repository's CP1251 or Latin-1 names), which git hands over as they are and
+    Python keeps as lone surrogates (``surrogateescape``, PEP 383), written as ``\\xNN``
+    (``café.md`` in Latin-1 -> ``caf\\xe9.md``). Unique per path, so documents, their
+    deletions and the reconciliation listing agree on the id; a UTF-8 path is returned
+    as it is. Git operations keep the path as read."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _nul_tokens(stream, chunk_size: int = 65536) -> Iterator[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 from datetime import UTC, datetime, timedelta
 
 import git
@@ -71,6 +72,42 @@ def test_skips_binary_oversized_invalid_utf8_and_empty_with_reasons(make_repo, t
     assert "not valid UTF-8" in issues["code:latin1.txt"].reason
     assert issues["code:empty.py"].reason == "empty file"
     assert {i.kind for i in issues.values()} == {"skipped"}
+
+
+def test_a_file_name_that_is_not_utf8_is_read_changed_and_deleted(make_repo, tmp_path):
+    """An old repository's Latin-1 file name (git keeps a name's bytes as they are): the
+    file is indexed under an id that writes the undecodable byte as ``\\xe9``, and its
+    change and its deletion reach that same id. GitPython's own diff drops the whole
+    diff on such a name, the edit of ``ok.md`` beside it included."""
+    repo = make_repo({"ok.md": "# ok\n\nfine\n"})
+    odd = repo.path / os.fsdecode(b"caf\xe9.md")
+
+    def commit(message: str) -> None:
+        repo.repo.git.add("-A")
+        repo.repo.git.commit("-q", "-m", message)
+
+    odd.write_text("# Café\n\nfirst version\n", encoding="utf-8")
+    commit("a Latin-1 file name")
+    conn = connector(repo.path, tmp_path)
+    pages, docs, _, issues = read_all(conn)
+    assert set(docs) == {"code:ok.md", "code:caf\\xe9.md"} and issues == {}
+    doc = docs["code:caf\\xe9.md"]
+    assert doc.title == doc.metadata["path"] == "caf\\xe9.md"
+    assert doc.url.endswith("/caf%E9.md")
+    assert conn.list_ids().ids == set(docs)
+
+    odd.write_text("# Café\n\nsecond version\n", encoding="utf-8")
+    (repo.path / "ok.md").write_text("# ok\n\nstill fine\n", encoding="utf-8")
+    commit("edit both")
+    later, docs, deletions, _ = read_all(conn, FetchRequest(cursor=pages[-1].cursor))
+    assert set(docs) == {"code:ok.md", "code:caf\\xe9.md"} and deletions == []
+    assert "second version" in docs["code:caf\\xe9.md"].text
+
+    odd.unlink()
+    commit("remove it")
+    _, docs, deletions, _ = read_all(conn, FetchRequest(cursor=later[-1].cursor))
+    assert deletions == ["code:caf\\xe9.md"] and docs == {}
+    assert conn.list_ids().ids == {"code:ok.md"}
 
 
 def test_incremental_diff_modified_added_deleted_renamed(make_repo, tmp_path):

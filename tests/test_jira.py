@@ -94,6 +94,24 @@ def test_issue_with_empty_description(httpserver):
     assert "assignee" not in doc.metadata and doc.metadata["status_category"] == "To Do"
 
 
+def test_a_lone_surrogate_in_an_issue_is_replaced_and_the_sync_completes(httpserver, tmp_path):
+    """JSON may carry half of a UTF-16 pair (``\\ud83d``: text cut inside an emoji by a
+    UTF-16 client); Python decodes it to a string that cannot be encoded as UTF-8, and
+    hashing or writing it failed the whole run. It becomes U+FFFD."""
+    issues = server_issues()
+    issues[0]["fields"]["summary"] += " \ud83d"
+    issues[0]["fields"]["description"] += "\n\nDeploy went fine \ud83d"
+    fake = FakeJira(httpserver, issues)
+    settings = jira_settings(tmp_path, fake)
+    summary = sync(settings)
+    assert summary["status"] == "completed" and summary["documents_added"] == 3
+    client = chromadb.PersistentClient(path=str(settings.chroma_path))
+    got = client.get_collection(settings.chroma.collection).get(
+        where={"issue_key": "PLAT-1"}, include=["documents", "metadatas"])
+    assert any("Deploy went fine \ufffd" in text for text in got["documents"])
+    assert all(m["title"].endswith(" \ufffd") for m in got["metadatas"])
+
+
 def test_jql_bound_is_epoch_ms_of_cursor_minus_overlap(httpserver):
     fake = FakeJira(httpserver, server_issues())
     connector = make_connector(fake, jql='project = PLAT AND summary ~ "order by" ORDER BY '

@@ -7,6 +7,7 @@ The flow-level behaviour (retries, leases, artifacts, the CLI) is in test_sync.p
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import chromadb
@@ -276,3 +277,32 @@ def test_an_index_cut_by_the_previous_chunking_is_re_chunked_by_the_next_sync(
     after = index(repo)  # re-chunked once: the next sync is incremental again (a full read
     assert after.documents_unchanged == after.documents_updated == 0  # counts 2 unchanged)
     assert after.mode == "incremental"
+
+
+def test_a_file_name_that_is_not_utf8_is_indexed_updated_and_deleted(make_repo, index):
+    """A Latin-1 file name used to fail every sync of its source ("Invalid where clause":
+    Chroma cannot filter on a string that is not UTF-8), so nothing else was indexed."""
+    repo = make_repo({"ok.md": "# ok\n\nfine\n"})
+    odd = repo.path / os.fsdecode(b"caf\xe9.md")
+
+    def commit(message: str) -> None:
+        repo.repo.git.add("-A")
+        repo.repo.git.commit("-q", "-m", message)
+
+    odd.write_text("# Café\n\nfirst version\n", encoding="utf-8")
+    commit("a Latin-1 file name")
+    first = index(repo)
+    assert first.status == "completed" and first.documents_added == 2
+    assert set(chunks_by_doc(index.store)) == {"src0:ok.md", "src0:caf\\xe9.md"}
+
+    odd.write_text("# Café\n\nsecond version\n", encoding="utf-8")
+    commit("edit it")
+    assert index(repo).documents_updated == 1
+    held = index.store.collection().get(where={"doc_id": "src0:caf\\xe9.md"},
+                                        include=["documents"])
+    assert any("second version" in text for text in held["documents"])
+
+    odd.unlink()
+    commit("remove it")
+    assert index(repo).documents_deleted == 1
+    assert set(chunks_by_doc(index.store)) == {"src0:ok.md"}
