@@ -62,6 +62,12 @@ def _isolated_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+#: ``café.md`` with its name in Latin-1, as an old repository holds it: git keeps a file
+#: name's bytes as they are, and Python decodes the byte that is not UTF-8 to a lone
+#: surrogate (``surrogateescape``).
+LATIN1_NAME = os.fsdecode(b"caf\xe9.md")
+
+
 class Repo:
     """A real git repository in a temp dir, with helpers to commit files."""
 
@@ -98,6 +104,13 @@ class Repo:
             stamp = f"{int(when.timestamp())} +0000"
             dates = {"author_date": stamp, "commit_date": stamp}
         return self.repo.index.commit(message, **dates).hexsha
+
+    def commit_all(self, message: str = "change") -> str:
+        """``git add -A`` and commit with git itself: for files GitPython's index cannot
+        name (a file name that is not UTF-8, :data:`LATIN1_NAME`)."""
+        self.repo.git.add("-A")
+        self.repo.git.commit("-q", "-m", message)
+        return self.head
 
     @property
     def head(self) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import os
 from datetime import UTC, datetime, timedelta
 
 import git
@@ -11,6 +10,7 @@ import pytest
 
 from connectors.base import ConnectorError, FetchRequest
 from connectors.git import GitConnector, GitSourceOptions, classify_path
+from tests.conftest import LATIN1_NAME
 
 
 def connector(path, tmp_path, **options) -> GitConnector:
@@ -80,14 +80,9 @@ def test_a_file_name_that_is_not_utf8_is_read_changed_and_deleted(make_repo, tmp
     change and its deletion reach that same id. GitPython's own diff drops the whole
     diff on such a name, the edit of ``ok.md`` beside it included."""
     repo = make_repo({"ok.md": "# ok\n\nfine\n"})
-    odd = repo.path / os.fsdecode(b"caf\xe9.md")
-
-    def commit(message: str) -> None:
-        repo.repo.git.add("-A")
-        repo.repo.git.commit("-q", "-m", message)
-
+    odd = repo.path / LATIN1_NAME
     odd.write_text("# Café\n\nfirst version\n", encoding="utf-8")
-    commit("a Latin-1 file name")
+    repo.commit_all("a Latin-1 file name")
     conn = connector(repo.path, tmp_path)
     pages, docs, _, issues = read_all(conn)
     assert set(docs) == {"code:ok.md", "code:caf\\xe9.md"} and issues == {}
@@ -98,13 +93,13 @@ def test_a_file_name_that_is_not_utf8_is_read_changed_and_deleted(make_repo, tmp
 
     odd.write_text("# Café\n\nsecond version\n", encoding="utf-8")
     (repo.path / "ok.md").write_text("# ok\n\nstill fine\n", encoding="utf-8")
-    commit("edit both")
+    repo.commit_all("edit both")
     later, docs, deletions, _ = read_all(conn, FetchRequest(cursor=pages[-1].cursor))
     assert set(docs) == {"code:ok.md", "code:caf\\xe9.md"} and deletions == []
     assert "second version" in docs["code:caf\\xe9.md"].text
 
     odd.unlink()
-    commit("remove it")
+    repo.commit_all("remove it")
     _, docs, deletions, _ = read_all(conn, FetchRequest(cursor=later[-1].cursor))
     assert deletions == ["code:caf\\xe9.md"] and docs == {}
     assert conn.list_ids().ids == {"code:ok.md"}

@@ -7,7 +7,6 @@ The flow-level behaviour (retries, leases, artifacts, the CLI) is in test_sync.p
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import chromadb
@@ -18,7 +17,7 @@ from connectors.base import FetchRequest
 from connectors.chroma import ChromaStore
 from connectors.lexical import LexicalIndex
 from flows.sync import Pipeline, SyncSummary, index_source, read_page
-from tests.conftest import long_markdown
+from tests.conftest import LATIN1_NAME, long_markdown
 from tests.test_sync import FailOneDocument
 from transforms.chunking import chunk_id
 from transforms.context import lexical_text
@@ -283,26 +282,21 @@ def test_a_file_name_that_is_not_utf8_is_indexed_updated_and_deleted(make_repo, 
     """A Latin-1 file name used to fail every sync of its source ("Invalid where clause":
     Chroma cannot filter on a string that is not UTF-8), so nothing else was indexed."""
     repo = make_repo({"ok.md": "# ok\n\nfine\n"})
-    odd = repo.path / os.fsdecode(b"caf\xe9.md")
-
-    def commit(message: str) -> None:
-        repo.repo.git.add("-A")
-        repo.repo.git.commit("-q", "-m", message)
-
+    odd = repo.path / LATIN1_NAME
     odd.write_text("# Café\n\nfirst version\n", encoding="utf-8")
-    commit("a Latin-1 file name")
+    repo.commit_all("a Latin-1 file name")
     first = index(repo)
     assert first.status == "completed" and first.documents_added == 2
     assert set(chunks_by_doc(index.store)) == {"src0:ok.md", "src0:caf\\xe9.md"}
 
     odd.write_text("# Café\n\nsecond version\n", encoding="utf-8")
-    commit("edit it")
+    repo.commit_all("edit it")
     assert index(repo).documents_updated == 1
     held = index.store.collection().get(where={"doc_id": "src0:caf\\xe9.md"},
                                         include=["documents"])
     assert any("second version" in text for text in held["documents"])
 
     odd.unlink()
-    commit("remove it")
+    repo.commit_all("remove it")
     assert index(repo).documents_deleted == 1
     assert set(chunks_by_doc(index.store)) == {"src0:ok.md"}
